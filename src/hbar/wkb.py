@@ -1,0 +1,193 @@
+"""WKB expansion of log q^h in the noise strength h, by autodiff along characteristics.
+
+ell^h_t = log q^h_t obeys (theory.md section 5)
+
+    d_t ell = - div u - u . grad ell - (h g^2/2)(Lap ell + |grad ell|^2),   ell_T = log pi,
+
+with u = v0 - (h/2) g^2 s, v0 = f x - (g^2/2) s. Writing ell = psi0 + h psi1 + h^2 psi2 + ...
+and following the probability-flow characteristic X(t) (dX/dt = v0(X), X(t_min) = data),
+each psi_j is transported along X with a source:
+
+    d/dt psi0(X) = - div v0,
+    d/dt psi1(X) = R1 = (g^2/2)[div s + s . grad psi0 - Lap psi0 - |grad psi0|^2],
+    d/dt psi2(X) = R2 = (g^2/2)[(s - 2 grad psi0) . grad psi1 - Lap psi1].
+
+Their derivatives along X follow from differentiating the transport equation. We carry
+the Taylor polynomial of psi_j around X(t) in the offset y,
+
+    P_j(y) = sum_{k <= K_j} c_{j,k}[y, ..., y] / k!,     c_{j,k}: (n, d^k),
+
+which obeys dP_j/dt(y) = F_j(y) with
+
+    F_0(y) = - div v0(X + y) - (v0(X + y) - v0(X)) . grad P_0(y),
+    F_1(y) = - (v0(X + y) - v0(X)) . grad P_1(y) + R1 evaluated with P_0 at X + y,
+
+so d c_{j,k}/dt is the k-th derivative tensor of F_j at y = 0, obtained exactly by nested
+basis-vector jvps (:func:`hbar.derivatives.taylor_tensors`). The system closes at
+K_0 = 2 for order 1 (c_{0,1} = G = grad ell0 and c_{0,2} = H = Hess ell0: this is exactly
+dG/dt = -grad div v0 - J^T G, dH/dt = -Hess div v0 - J^T H - H J - sum_k G_k Hess v0_k of
+theory.md section 5) and at (K_0, K_1) = (4, 2) for order 2 (theory.md section 6).
+One forward solve (for X_T) and one backward solve from T (c_{0,0} = log pi(X_T),
+c_{0,1} = grad log pi(X_T), c_{0,2} = Hess log pi, higher tensors and psi1, psi2 zero).
+No nested solves, no finite differences.
+
+The paper's algorithm (finite differences of nested solves) is implemented by
+:func:`finite_difference_ell1` as a baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from hbar.derivatives import divergence, taylor_tensors
+from hbar.ode import ODEOptions, solve_ode
+from hbar.schedules import Schedule
+
+__all__ = ["backward_characteristic", "finite_difference_ell1", "poly_grad", "poly_laplacian"]
+
+# Taylor orders (K_0, K_1, K_2) carried for each WKB order
+_ORDERS = {1: (2, 0), 2: (4, 2, 0)}
+
+
+def _contract(c: Array, y: Array, times: int) -> Array:
+    """Contract the last ``times`` axes of c (n, d, ..., d) with y (n, d)."""
+    for _ in range(times):
+        c = jnp.einsum("n...j,nj->n...", c, y)
+    return c
+
+
+def poly_grad(cs: list[Array], y: Array) -> Array:
+    """grad P(y) = sum_{k>=1} c_k[., y, ..., y] / (k-1)!, shape (n, d)."""
+    out = jnp.zeros_like(y)
+    for k in range(1, len(cs)):
+        out = out + _contract(cs[k], y, k - 1) / math.factorial(k - 1)
+    return out
+
+
+def poly_laplacian(cs: list[Array], y: Array) -> Array:
+    """Lap P(y) = sum_{k>=2} tr_{12} c_k[., ., y, ..., y] / (k-2)!, shape (n,)."""
+    out = jnp.zeros(y.shape[0], dtype=y.dtype)
+    for k in range(2, len(cs)):
+        tr = jnp.trace(cs[k], axis1=1, axis2=2)
+        out = out + _contract(tr, y, k - 2) / math.factorial(k - 2)
+    return out
+
+
+def _score_div(score: Callable, z: Array, t: Array) -> tuple[Array, Array]:
+    return divergence(lambda w: score(w, t), z)
+
+
+def _rhs(score: Callable, schedule: Schedule, t: Array, X: Array, P: list[list[Array]]):
+    """Time derivatives of (X, P_0, P_1[, P_2]) along the characteristic (see module doc)."""
+    d = X.shape[1]
+    f, g2 = schedule.f(t), schedule.g2(t)
+    s0 = score(X, t)
+    v_at_X = f * X - 0.5 * g2 * s0
+
+    def local(Y):
+        Z = X + Y
+        s, divs = _score_div(score, Z, t)
+        v = f * Z - 0.5 * g2 * s
+        return s, divs, v - v_at_X
+
+    def F0(Y):
+        s, divs, dv = local(Y)
+        div_v = d * f - 0.5 * g2 * divs
+        return -div_v - jnp.sum(dv * poly_grad(P[0], Y), axis=-1)
+
+    def R1(Y, s, divs):
+        gp0 = poly_grad(P[0], Y)
+        return 0.5 * g2 * (divs + jnp.sum(s * gp0, -1) - poly_laplacian(P[0], Y) - jnp.sum(gp0**2, -1))
+
+    def F1(Y):
+        s, divs, dv = local(Y)
+        return -jnp.sum(dv * poly_grad(P[1], Y), axis=-1) + R1(Y, s, divs)
+
+    dP = [taylor_tensors(F0, jnp.zeros_like(X), len(P[0]) - 1),
+          taylor_tensors(F1, jnp.zeros_like(X), len(P[1]) - 1)]
+    if len(P) > 2:
+        Y0 = jnp.zeros_like(X)
+        gp0, gp1 = poly_grad(P[0], Y0), poly_grad(P[1], Y0)
+        r2 = 0.5 * g2 * (jnp.sum((s0 - 2 * gp0) * gp1, -1) - poly_laplacian(P[1], Y0))
+        dP.append([r2])
+    return v_at_X, dP
+
+
+def backward_characteristic(score: Callable, schedule: Schedule, x_T: Array, order: int,
+                            options: ODEOptions) -> dict[str, Array]:
+    """Backward solve from T to t_min of the characteristic and the Taylor data of
+    psi0 (and psi1, psi2), starting from the forward solve's end points ``x_T`` (n, d).
+
+    Returns dict(x (n, d) the characteristic at t_min (equals the data up to solver
+    error), ell0 (n,) from the backward solve (a consistency check of the forward one),
+    ell1 (n,), ell2 (n,) when order == 2, ok, evals).
+    """
+    n, d = x_T.shape
+    orders = _ORDERS[order]
+    dtype = x_T.dtype
+    s2 = schedule.prior_std ** 2
+    p0 = [schedule.prior_logp(x_T), -x_T / s2, jnp.broadcast_to(-jnp.eye(d, dtype=dtype) / s2, (n, d, d))]
+    for k in range(3, orders[0] + 1):
+        p0.append(jnp.zeros((n,) + (d,) * k, dtype=dtype))
+    P = [p0] + [[jnp.zeros((n,) + (d,) * k, dtype=dtype) for k in range(K + 1)] for K in orders[1:]]
+
+    def field(t, state):
+        X, P_ = state
+        return _rhs(score, schedule, t, X, P_)
+
+    sol = solve_ode(field, (x_T, P), schedule.T, schedule.t_min, options)
+    X, Pm = sol["y1"]
+    out = dict(x=X, ell0=Pm[0][0], ell1=Pm[1][0], ok=sol["ok"], evals=sol["evals"])
+    if order >= 2:
+        out["ell2"] = Pm[2][0]
+    return out
+
+
+def finite_difference_ell1(score: Callable, schedule: Schedule, x: Array, options: ODEOptions,
+                           inner_options: ODEOptions, step: float = 0.01) -> dict[str, Array]:
+    """The paper's first-order algorithm ("1st-logqSolver"), written from theory.md section 5.
+
+    Along the forward characteristic from t_min to T it carries a perturbation dx,
+
+        d(dx)/dt = (dx . grad) v0 - (g^2/2)(s - G),       dx(t_min) = 0,
+        ell1 = dx_T . grad log pi(x_T) + int [(dx . grad)(div v0) - (g^2/2)(div s - tr H)] dt,
+
+    where G ~ grad ell0 and tr H ~ Lap ell0 at (x, t) come from central differences with
+    step ``step`` of nested probability-flow likelihood solves from t to T: 2d + 1 inner
+    solves per point and per outer right-hand-side evaluation. Returns dict(ell1 (n,),
+    ok, evals) with evals the outer vector-field evaluations.
+    """
+    from hbar.likelihood import pf_log_likelihood
+
+    n, d = x.shape
+    shifts = jnp.concatenate([jnp.zeros((1, d), x.dtype), step * jnp.eye(d, dtype=x.dtype),
+                              -step * jnp.eye(d, dtype=x.dtype)])  # (2d+1, d)
+
+    def field(t, state):
+        X, dx, _ = state
+        f, g2 = schedule.f(t), schedule.g2(t)
+        pts = (X[None, :, :] + shifts[:, None, :]).reshape(-1, d)
+        inner = pf_log_likelihood(score, schedule, pts, t, inner_options)
+        ell = jnp.where(inner["ok"], inner["ell0"], jnp.nan).reshape(2 * d + 1, n)
+        G = (ell[1:d + 1] - ell[d + 1:]).T / (2 * step)  # (n, d)
+        lapH = jnp.sum(ell[1:d + 1] + ell[d + 1:] - 2 * ell[0][None], axis=0) / step**2
+
+        def v_and_div(z):
+            s, divs = _score_div(score, z, t)
+            return f * z - 0.5 * g2 * s, d * f - 0.5 * g2 * divs, s, divs
+
+        (v, div_v, s, divs), (jv, jdiv, _, _) = jax.jvp(v_and_div, (X,), (dx,))
+        ddx = jv - 0.5 * g2 * (s - G)
+        dacc = jdiv - 0.5 * g2 * (divs - lapH)
+        return (v, ddx, dacc)
+
+    y0 = (x, jnp.zeros_like(x), jnp.zeros(n, x.dtype))
+    sol = solve_ode(field, y0, schedule.t_min, schedule.T, options)
+    X_T, dx_T, acc = sol["y1"]
+    ell1 = jnp.sum(dx_T * schedule.prior_score(X_T), -1) + acc
+    return dict(ell1=ell1, ok=sol["ok"], evals=sol["evals"])
