@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,28 +172,30 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
 
 
-def run_batched(fn: Callable[..., dict], arrays: list[np.ndarray], batch_size: int,
-                progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Apply a jitted batch function to row chunks of ``arrays`` (padded to one shape so
-    it compiles once). ``fn`` returns a dict with per-row arrays and scalars ``ok``,
-    ``evals_*``. A chunk whose solve failed is re-run row by row (vmapped) so that the
-    failing rows are identified; their ``row_ok`` is False. Returns concatenated rows,
-    ``row_ok`` and the maximum of each ``evals_*`` counter."""
+def run_batched(fn: Callable[..., dict], score: Callable, arrays: list[np.ndarray], batch_size: int,
+                progress: Callable[[int, int], None] | None = None, **static: Any) -> dict[str, np.ndarray]:
+    """Apply a batch function ``fn(score, *arrays, **static)`` to row chunks of ``arrays``
+    (padded to one shape so it compiles once; compiled functions are cached across calls by
+    ``equinox.filter_jit``, so a second call with the same score is not recompiled).
+
+    ``fn`` returns a dict with per-row arrays and scalars ``ok``, ``evals_*``. A chunk whose
+    solve failed is re-run row by row (vmapped) so that the failing rows are identified;
+    their ``row_ok`` is False. Returns concatenated rows, ``row_ok`` and the maximum of
+    each ``evals_*`` counter.
+    """
     n = arrays[0].shape[0]
     bs = min(batch_size, n)
-    jfn = jax.jit(fn)
-    per_point = jax.jit(jax.vmap(lambda *rows: fn(*[r[None] for r in rows])))
     chunks: dict[str, list] = {}
     evals: dict[str, int] = {}
     for start in range(0, n, bs):
         stop = min(start + bs, n)
         args = [jnp.asarray(_pad_rows(a[start:stop], bs)) for a in arrays]
-        out = jfn(*args)
+        out = _jit_batch(fn, score, args, static)
         if bool(out["ok"]):
             row_ok = np.ones(bs, dtype=bool)
         else:
-            out = per_point(*args)
-            out = {k: (v[:, 0] if (k not in ("ok",) and not k.startswith("evals") and v.ndim >= 2) else v)
+            out = _jit_rows(fn, score, args, static)
+            out = {k: (v[:, 0] if (k != "ok" and not k.startswith("evals") and v.ndim >= 2) else v)
                    for k, v in out.items()}
             row_ok = np.asarray(out["ok"]).reshape(bs)
         for k, v in out.items():
@@ -208,6 +211,42 @@ def run_batched(fn: Callable[..., dict], arrays: list[np.ndarray], batch_size: i
     result = {k: np.concatenate(v) for k, v in chunks.items()}
     result.update(evals)
     return result
+
+
+@eqx.filter_jit
+def _jit_batch(fn, score, args, static):
+    return fn(score, *args, **static)
+
+
+@eqx.filter_jit
+def _jit_rows(fn, score, args, static):
+    return jax.vmap(lambda *rows: fn(score, *[r[None] for r in rows], **static))(*args)
+
+
+def _batch_characteristics(score, xb, pb=None, *, schedule, order, options):
+    """One batch of the forward probability-flow solve and, for order >= 1, the backward
+    characteristic solve of :mod:`hbar.wkb`."""
+    from hbar.wkb import backward_characteristic
+
+    fwd = pf_log_likelihood(score, schedule, xb, schedule.t_min, options, probe=pb)
+    out = dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ok=fwd["ok"], evals_forward=fwd["evals"])
+    if order >= 1:
+        bwd = backward_characteristic(score, schedule, fwd["x_T"], order, options)
+        out.update(ell1=bwd["ell1"], x_back=bwd["x"], ell0_back=bwd["ell0"],
+                   ok=fwd["ok"] & bwd["ok"], evals_backward=bwd["evals"])
+        if order >= 2:
+            out["ell2"] = bwd["ell2"]
+    return out
+
+
+def _batch_finite_difference(score, xb, *, schedule, options, inner, fd_step):
+    """One batch of the forward solve plus the paper's finite-difference C1 baseline."""
+    from hbar.wkb import finite_difference_ell1
+
+    fwd = pf_log_likelihood(score, schedule, xb, schedule.t_min, options)
+    fd = finite_difference_ell1(score, schedule, xb, options, inner, fd_step)
+    return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ell1=fd["ell1"], ok=fwd["ok"] & fd["ok"],
+                evals_forward=fwd["evals"], evals_backward=fd["evals"])
 
 
 def nll(
@@ -270,30 +309,12 @@ def nll(
         arrays.append(probe)
 
     if method == "finite-difference":
-        from hbar.wkb import finite_difference_ell1
-
-        inner = inner_options or options
-
-        def fn(xb):
-            fwd = pf_log_likelihood(score, schedule, xb, schedule.t_min, options)
-            fd = finite_difference_ell1(score, schedule, xb, options, inner, fd_step)
-            return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ell1=fd["ell1"],
-                        ok=fwd["ok"] & fd["ok"], evals_forward=fwd["evals"], evals_backward=fd["evals"])
+        res = run_batched(_batch_finite_difference, score, arrays, batch_size, progress,
+                          schedule=schedule, options=options, inner=inner_options or options,
+                          fd_step=float(fd_step))
     else:
-        from hbar.wkb import backward_characteristic
-
-        def fn(xb, pb=None):
-            fwd = pf_log_likelihood(score, schedule, xb, schedule.t_min, options, probe=pb)
-            out = dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ok=fwd["ok"], evals_forward=fwd["evals"])
-            if order >= 1:
-                bwd = backward_characteristic(score, schedule, fwd["x_T"], order, options)
-                out.update(ell1=bwd["ell1"], x_back=bwd["x"], ell0_back=bwd["ell0"],
-                           ok=fwd["ok"] & bwd["ok"], evals_backward=bwd["evals"])
-                if order >= 2:
-                    out["ell2"] = bwd["ell2"]
-            return out
-
-    res = run_batched(fn, arrays, batch_size, progress)
+        res = run_batched(_batch_characteristics, score, arrays, batch_size, progress,
+                          schedule=schedule, order=order, options=options)
     valid = res["row_ok"] & np.isfinite(res["ell0"]) & np.asarray(all_finite_rows(jnp.asarray(res["x_T"])))
     if bound is not None:
         valid &= np.all(np.abs(res["x_T"]) <= bound, axis=1)

@@ -83,38 +83,32 @@ def _score_div(score: Callable, z: Array, t: Array) -> tuple[Array, Array]:
 
 
 def _rhs(score: Callable, schedule: Schedule, t: Array, X: Array, P: list[list[Array]]):
-    """Time derivatives of (X, P_0, P_1[, P_2]) along the characteristic (see module doc)."""
+    """Time derivatives of (X, P_0, P_1[, P_2]) along the characteristic (see module doc).
+
+    All source terms are stacked into one row-wise map Y -> (F_0, F_1[, R_2]) (n, L) so the
+    score's derivatives are shared; its Taylor tensors up to K_0 give every update."""
     d = X.shape[1]
     f, g2 = schedule.f(t), schedule.g2(t)
     s0 = score(X, t)
     v_at_X = f * X - 0.5 * g2 * s0
+    levels = len(P)
 
-    def local(Y):
+    def sources(Y):
         Z = X + Y
         s, divs = _score_div(score, Z, t)
-        v = f * Z - 0.5 * g2 * s
-        return s, divs, v - v_at_X
-
-    def F0(Y):
-        s, divs, dv = local(Y)
-        div_v = d * f - 0.5 * g2 * divs
-        return -div_v - jnp.sum(dv * poly_grad(P[0], Y), axis=-1)
-
-    def R1(Y, s, divs):
+        dv = (f * Z - 0.5 * g2 * s) - v_at_X
         gp0 = poly_grad(P[0], Y)
-        return 0.5 * g2 * (divs + jnp.sum(s * gp0, -1) - poly_laplacian(P[0], Y) - jnp.sum(gp0**2, -1))
+        gp1 = poly_grad(P[1], Y)
+        F0 = -(d * f - 0.5 * g2 * divs) - jnp.sum(dv * gp0, -1)
+        R1 = 0.5 * g2 * (divs + jnp.sum(s * gp0, -1) - poly_laplacian(P[0], Y) - jnp.sum(gp0**2, -1))
+        F1 = -jnp.sum(dv * gp1, -1) + R1
+        out = [F0, F1]
+        if levels > 2:
+            out.append(0.5 * g2 * (jnp.sum((s - 2 * gp0) * gp1, -1) - poly_laplacian(P[1], Y)))
+        return jnp.stack(out, axis=1)
 
-    def F1(Y):
-        s, divs, dv = local(Y)
-        return -jnp.sum(dv * poly_grad(P[1], Y), axis=-1) + R1(Y, s, divs)
-
-    dP = [taylor_tensors(F0, jnp.zeros_like(X), len(P[0]) - 1),
-          taylor_tensors(F1, jnp.zeros_like(X), len(P[1]) - 1)]
-    if len(P) > 2:
-        Y0 = jnp.zeros_like(X)
-        gp0, gp1 = poly_grad(P[0], Y0), poly_grad(P[1], Y0)
-        r2 = 0.5 * g2 * (jnp.sum((s0 - 2 * gp0) * gp1, -1) - poly_laplacian(P[1], Y0))
-        dP.append([r2])
+    tensors = taylor_tensors(sources, jnp.zeros_like(X), len(P[0]) - 1)
+    dP = [[tensors[k][:, j] for k in range(len(P[j]))] for j in range(levels)]
     return v_at_X, dP
 
 
