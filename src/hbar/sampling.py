@@ -35,7 +35,7 @@ from hbar.ode import ODEOptions, all_finite_rows, solve_ode
 from hbar.schedules import Schedule
 from hbar.validation import HbarInputError, check_h, check_positive_int
 
-__all__ = ["SampleResult", "sample", "backward_drift", "time_grid", "METHODS", "score_dimension"]
+__all__ = ["SampleResult", "sample", "backward_drift", "time_grid", "METHODS", "score_dimension", "simulate_path"]
 
 METHODS = ("euler", "heun", "adaptive")
 
@@ -226,3 +226,30 @@ def _adaptive_runner(u: Callable, schedule: Schedule, options: ODEOptions):
         return sol["y1"], sol["ok"], sol["evals"]
 
     return jax.jit(jax.vmap(one))
+
+
+def simulate_path(drift: Callable[[Array, Array], Array], g2: Callable[[Array], Array], x0: Array, ts: Array,
+                  key: Array, h: float | Array = 1.0, method: str = "euler") -> Array:
+    """A fixed-grid path of dx = drift(x, t) dt + sqrt(h g2(t)) dw along the grid ``ts``.
+
+    ``ts`` (steps + 1,) must be strictly monotone and concrete: decreasing for a backward-time
+    process (as in :func:`sample`), increasing for a forward-time one (e.g. the noising
+    process from data). ``drift`` is always written in forward-time notation, so one Euler step
+    is x_{k+1} = x_k + drift(x_k, t_k) (t_{k+1} - t_k) + sqrt(h g2(t_k) |t_{k+1} - t_k|) z_k.
+    Uses the same scan as :func:`sample` (an increasing grid is run as a decreasing grid in
+    tau = -t). Traceable. Returns the path (steps + 1, n, d) including x0.
+    """
+    if method not in ("euler", "heun"):
+        raise HbarInputError(f"simulate_path: method must be 'euler' or 'heun', got {method!r}")
+    grid = np.asarray(ts, dtype=float)
+    if grid.ndim != 1 or grid.size < 2:
+        raise HbarInputError(f"simulate_path: ts must be a 1-D grid with >= 2 times, got shape {grid.shape}")
+    steps = np.diff(grid)
+    if np.all(steps < 0):
+        _, _, path = _sde_scan(drift, g2, h, x0, jnp.asarray(ts, dtype=x0.dtype), key, method, jnp.inf, True)
+    elif np.all(steps > 0):
+        _, _, path = _sde_scan(lambda x, tau: -drift(x, -tau), lambda tau: g2(-tau), h, x0,
+                               -jnp.asarray(ts, dtype=x0.dtype), key, method, jnp.inf, True)
+    else:
+        raise HbarInputError("simulate_path: ts must be strictly increasing or strictly decreasing")
+    return jnp.concatenate([x0[None], path], axis=0)
