@@ -319,7 +319,7 @@ def nll(
     if bound is not None:
         valid &= np.all(np.abs(res["x_T"]) <= bound, axis=1)
     c1 = c2 = None
-    extras: dict[str, Any] = {}
+    extras: dict[str, Any] = {"x_T": res["x_T"]}
     if order >= 1:
         c1 = -res["ell1"]
         valid &= np.isfinite(c1)

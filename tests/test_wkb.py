@@ -1,0 +1,104 @@
+"""WKB coefficients by characteristics: closed forms in any d, the paper's finite-difference
+baseline, and the Fokker–Planck brute force for non-Gaussian data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hbar
+from hbar.likelihood import nll
+from hbar.ode import ODEOptions
+from hbar.references import gaussian_oracle
+from hbar.wkb import poly_grad, poly_laplacian
+
+TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
+
+
+def _case(d, eps, seed=0, schedule=None):
+    rng = np.random.default_rng(seed)
+    B = rng.normal(size=(d, d)) / np.sqrt(d)
+    S0 = B @ B.T + 0.3 * np.eye(d)
+    m0 = 0.5 * rng.normal(size=d)
+    s = schedule or hbar.OUSchedule(beta=1.0, t_min=1e-2, T=8.0)
+    score = hbar.gaussian_score(m0, S0, s, scale_eps=eps, shift=0.1 * rng.normal(size=d))
+    x = rng.multivariate_normal(m0, S0, size=4)
+    return s, score, m0, S0, x
+
+
+@pytest.mark.parametrize("d", [1, 3, 16])
+def test_c1_matches_closed_form(d):
+    s, score, m0, S0, x = _case(d, eps=0.15)
+    res = nll(score, s, x, order=1, options=TIGHT)
+    ref = gaussian_oracle(score, s, m0, S0, 0.0, x=x)
+    np.testing.assert_allclose(res.nll0, ref.nll_points[0], rtol=1e-6)
+    np.testing.assert_allclose(res.c1, ref.c1_points[0], rtol=1e-6)
+    assert abs(ref.c1[0]) > 1e-2  # the wrong score makes NLL depend on h
+
+
+@pytest.mark.parametrize("d,schedule", [(1, hbar.OUSchedule(beta=1.0, t_min=1e-2, T=8.0)),
+                                        (1, hbar.SimpleSchedule()), (2, hbar.CosineSchedule())],
+                         ids=["ou-1d", "simple-1d", "cosine-2d"])
+def test_c2_matches_closed_form(d, schedule):
+    s, score, m0, S0, x = _case(d, eps=-0.1, schedule=schedule)
+    res = nll(score, s, x, order=2, options=TIGHT)
+    ref = gaussian_oracle(score, s, m0, S0, 0.0, x=x)
+    np.testing.assert_allclose(res.c1, ref.c1_points[0], rtol=1e-6)
+    np.testing.assert_allclose(res.c2, ref.c2_points[0], rtol=1e-6)
+    # expansion method of the result reproduces the oracle curve to O(h^3)
+    h = 1e-3
+    assert res.nll(h, per_point=True) == pytest.approx(
+        gaussian_oracle(score, s, m0, S0, h, x=x).nll_points[0], rel=1e-6)
+
+
+def test_exact_score_has_zero_corrections():
+    s = hbar.OUSchedule(beta=1.0, t_min=1e-2, T=30.0)
+    score = hbar.gaussian_score([0.3, -0.2], [[0.5, 0.1], [0.1, 0.4]], s)
+    x = np.array([[0.1, 0.2], [1.0, -1.0]])
+    res = nll(score, s, x, order=2, options=TIGHT)
+    # the integrands are O(1/sigma^2) and cancel; what is left is solver error
+    assert np.abs(res.c1).max() < 1e-5 and np.abs(res.c2).max() < 1e-4
+
+
+def test_finite_difference_baseline_agrees_within_its_error():
+    """The paper's algorithm (central differences with step 0.01 of nested solves) against the
+    exact C1 on a 2-D mixture with a perturbed score; the baseline's own error is estimated by
+    halving its step (central differences: error ~ step^2)."""
+    s = hbar.SimpleSchedule()
+    base = hbar.GaussianMixtureScore([0.5, 0.5], [[-0.6, 0.0], [0.6, 0.2]], [0.25, 0.3], s)
+    score = hbar.PerturbedScore(base, eps=0.05)
+    x = np.asarray(base.sample_data(jax.random.PRNGKey(0), 6))
+    opts = ODEOptions(rtol=1e-8, atol=1e-8)
+    exact = nll(score, s, x, order=1, options=opts).c1
+    fd = nll(score, s, x, order=1, method="finite-difference", options=opts).c1
+    fd_half = nll(score, s, x, order=1, method="finite-difference", options=opts, fd_step=0.005).c1
+    own_error = np.abs(fd - fd_half) * 4 / 3  # Richardson estimate of the step-0.01 error
+    assert np.all(np.abs(fd - exact) <= 3 * own_error + 1e-4), (fd, exact, own_error)
+    assert np.all(np.abs(fd_half - exact) < np.abs(fd - exact) + 1e-5)
+
+
+def test_backward_solve_returns_to_the_data_and_reproduces_ell0():
+    s, score, m0, S0, x = _case(2, eps=0.2)
+    res = nll(score, s, x, order=1, options=TIGHT)
+    assert res.extras["return_error_max"] < 1e-7
+    assert res.extras["ell0_backward_diff_max"] < 1e-7
+
+
+def test_polynomial_helpers():
+    rng = np.random.default_rng(0)
+    n, d = 3, 2
+    c = [jnp.asarray(rng.normal(size=(n,) + (d,) * k)) for k in range(4)]
+    c[2] = (c[2] + jnp.swapaxes(c[2], 1, 2)) / 2
+    c3 = c[3]
+    c[3] = sum(jnp.transpose(c3, (0,) + p) for p in [(1, 2, 3), (1, 3, 2), (2, 1, 3), (2, 3, 1), (3, 1, 2), (3, 2, 1)]) / 6
+    y = jnp.asarray(rng.normal(size=(n, d)))
+
+    def P(yy, cc):
+        return (cc[0] + jnp.einsum("ni,ni->n", cc[1], yy) + 0.5 * jnp.einsum("nij,ni,nj->n", cc[2], yy, yy)
+                + jnp.einsum("nijk,ni,nj,nk->n", cc[3], yy, yy, yy) / 6)
+
+    g = jax.grad(lambda yy: jnp.sum(P(yy, c)))(y)
+    lap = jnp.stack([jnp.trace(jax.hessian(lambda v: P(v[None], [ck[i:i + 1] for ck in c])[0])(y[i]))
+                     for i in range(n)])
+    np.testing.assert_allclose(poly_grad(c, y), g, rtol=1e-12)
+    np.testing.assert_allclose(poly_laplacian(c, y), lap, rtol=1e-12)
