@@ -26,6 +26,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,12 +180,16 @@ def sample(
     batch = n if batch_size is None else check_positive_int(batch_size, "batch_size")
 
     ts = time_grid(schedule, steps, dtype=dtype)
-    u = backward_drift(score, schedule, h_val)
+    h_arr = jnp.asarray(h_val, dtype=dtype)
+    bnd_arr = jnp.asarray(bnd, dtype=dtype)
 
     if method == "adaptive":
-        run = _adaptive_runner(u, schedule, ode_options)
+        def run(x0):
+            return _adaptive_run(score, x0, schedule=schedule, options=ode_options)
     else:
-        run = jax.jit(lambda x0, kk: _sde_scan(u, schedule.g2, h_val, x0, ts, kk, method, bnd, return_path))
+        def run(x0, kk):
+            return _sde_run(score, x0, kk, h_arr, bnd_arr, ts, schedule=schedule, method=method,
+                            keep_path=return_path)
 
     outs, maxes, paths, nfe = [], [], [], 0
     for i, start in enumerate(range(0, n, batch)):
@@ -218,14 +223,24 @@ def sample(
     )
 
 
-def _adaptive_runner(u: Callable, schedule: Schedule, options: ODEOptions):
-    """Per-point adaptive probability-flow solve from T to t_min (vmapped over rows)."""
+@eqx.filter_jit
+def _sde_run(score, x0, key, h, bound, ts, *, schedule, method, keep_path):
+    """Jitted fixed-grid run; compiled once per (score structure, schedule, shapes, method):
+    h and the bound are traced, so scanning over h does not recompile."""
+    u = backward_drift(score, schedule, h)
+    return _sde_scan(u, schedule.g2, h, x0, ts, key, method, bound, keep_path)
 
-    def one(x0):
-        sol = solve_ode(lambda t, x: u(x[None], t)[0], x0, schedule.T, schedule.t_min, options)
+
+@eqx.filter_jit
+def _adaptive_run(score, x0, *, schedule, options):
+    """Per-point adaptive probability-flow solve from T to t_min (vmapped over rows)."""
+    u = backward_drift(score, schedule, 0.0)
+
+    def one(x):
+        sol = solve_ode(lambda t, y: u(y[None], t)[0], x, schedule.T, schedule.t_min, options)
         return sol["y1"], sol["ok"], sol["evals"]
 
-    return jax.jit(jax.vmap(one))
+    return jax.vmap(one)(x0)
 
 
 def simulate_path(drift: Callable[[Array, Array], Array], g2: Callable[[Array], Array], x0: Array, ts: Array,
