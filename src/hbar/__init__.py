@@ -1,5 +1,13 @@
-"""hbar: score-based diffusion in the path-integral picture (Hirono, Tanaka & Fukushima 2024)."""
+"""hbar: score-based diffusion in the path-integral picture (Hirono, Tanaka & Fukushima 2024).
 
+The h-family of backward processes dx = [f - (1+h)/2 g^2 s] dt + sqrt(h) g dw_bar
+(h = 1 reverse SDE, h = 0 probability-flow ODE) and what the noise does to it:
+exact likelihoods, WKB corrections in h, brute-force and closed-form references.
+"""
+
+from hbar.likelihood import LikelihoodResult, bits_per_dim, nll
+from hbar.ode import ODEOptions
+from hbar.sampling import SampleResult, sample
 from hbar.schedules import (
     CosineSchedule,
     LinearSchedule,
@@ -13,7 +21,18 @@ from hbar.schedules import (
 from hbar.scores import AffineScore, GaussianMixtureScore, PerturbedScore, gaussian_score
 from hbar.validation import HbarInputError
 
+from hbar import data, metrics, networks, path, references, training  # noqa: E402  (submodules)
+from hbar import references as reference  # noqa: E402  (alias: hbar.reference.fokker_planck_nll)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "sample", "SampleResult", "nll", "LikelihoodResult", "bits_per_dim", "ODEOptions",
+    "Schedule", "SimpleSchedule", "CosineSchedule", "VPLinearSchedule", "VESchedule", "OUSchedule",
+    "LinearSchedule", "schedule_from_config", "AffineScore", "GaussianMixtureScore", "PerturbedScore",
+    "gaussian_score", "HbarInputError", "enable_x64", "data", "metrics", "networks", "path",
+    "references", "reference", "training",
+]
 
 
 def enable_x64() -> None:

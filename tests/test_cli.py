@@ -1,0 +1,68 @@
+"""The command line: a tiny train -> sample -> nll -> path-nll round trip and clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hbar.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    res = runner.invoke(app, ["train", "--run-dir", str(d / "run"), "--epochs", "4", "--kl-h", "0.5,1"])
+    assert res.exit_code == 0, res.output
+    assert "path-KL bound" in res.output
+    return d
+
+
+def test_train_sample_nll_roundtrip(run_dir):
+    from hbar.data import load_dataset
+    from hbar.likelihood import nll
+    from hbar.training import load_checkpoint
+
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--h", "0.5", "--n", "64", "--steps", "20",
+                              "--out", str(run_dir / "s.npy")])
+    assert res.exit_code == 0, res.output
+    assert np.load(run_dir / "s.npy").shape == (64, 2)
+    x = load_dataset("swiss_roll", 8, seed=3)
+    np.save(run_dir / "x.npy", x)
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(run_dir / "x.npy"), "--order", "1",
+                              "--out", str(run_dir / "nll.json")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((run_dir / "nll.json").read_text())
+    score, schedule, _ = load_checkpoint(run_dir / "run")
+    ref = nll(score, schedule, x, order=1)
+    np.testing.assert_allclose(got["nll0"], ref.nll0, rtol=1e-10)
+    np.testing.assert_allclose(got["c1"], ref.c1, rtol=1e-10)
+    res = runner.invoke(app, ["path-nll", str(run_dir / "run"), str(run_dir / "x.npy"), "--h", "0.5",
+                              "--paths", "16", "--steps", "10", "--n", "3"])
+    assert res.exit_code == 0, res.output and "ESS" in res.output
+
+
+def test_clear_errors(run_dir, tmp_path):
+    bad = tmp_path / "bad.csv"
+    np.savetxt(bad, np.array([[1.0, 2.0], [np.nan, 1.0]]), delimiter=",")
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(bad)])
+    assert res.exit_code == 2 and "NaN" in res.output
+    d3 = tmp_path / "d3.npy"
+    np.save(d3, np.zeros((4, 3)))
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(d3)])
+    assert res.exit_code == 2 and "dimension" in res.output
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--h", "-0.5"])
+    assert res.exit_code == 2 and ">= 0" in res.output
+    res = runner.invoke(app, ["sample", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not found" in res.output
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"dataset": "swiss_roll", "lr": -1}')
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "lr" in res.output
+
+
+def test_datasets_lists_entropies():
+    res = runner.invoke(app, ["datasets"])
+    assert res.exit_code == 0 and "swiss_roll" in res.output and "1.333" in res.output
