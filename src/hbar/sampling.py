@@ -61,10 +61,13 @@ def time_grid(schedule: Schedule, steps: int, t_start: float | None = None, t_en
 
 
 def score_dimension(score: Callable, d: int | None) -> int:
-    """The data dimension: ``d`` if given, else ``score.dim`` when the score carries it."""
+    """The data dimension: ``d`` if given, else ``score.dim`` (analytic scores) or ``score.d``
+    (hbar networks) when the score carries it."""
     if d is not None:
         return check_positive_int(d, "d")
     dim = getattr(score, "dim", None)
+    if dim is None:
+        dim = getattr(score, "d", None)
     if dim is None:
         raise HbarInputError("cannot tell the data dimension from the score: pass d=... or x_T=...")
     return int(dim)
