@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from hbar.derivatives import divergence, taylor_tensors
+from hbar.derivatives import divergence, jet_tensors, taylor_tensors
 from hbar.ode import ODEOptions, solve_ode
 from hbar.schedules import Schedule
 
@@ -82,6 +82,41 @@ def _score_div(score: Callable, z: Array, t: Array) -> tuple[Array, Array]:
     return divergence(lambda w: score(w, t), z)
 
 
+# For d <= JET_MAX_DIM and Taylor order m >= JET_MIN_ORDER the score's derivative tensors at X
+# come from Taylor-mode jets with polarization (C(d+m-1, m) jets of order m) instead of d^m
+# nested jvps. Measured on the paper's MLP, d = 2, 200 points, one right-hand side:
+# order 2 (m = 5): 34 ms with jets vs 278 ms nested; order 1 (m = 3): 15 ms vs 5.9 ms nested,
+# so jets are used for order 2 only.
+JET_MAX_DIM = 4
+JET_MIN_ORDER = 4
+
+
+def local_score(score: Callable, X: Array, t: Array, m: int) -> Callable[[Array], tuple[Array, Array]]:
+    """Y -> (s(X + Y, t), div s(X + Y, t)), each exact to order m - 1 in Y at least.
+
+    For d <= JET_MAX_DIM and m >= JET_MIN_ORDER the score is replaced by its Taylor polynomial
+    of degree m around X,
+    S(Y) = sum_k D^k s(X)[Y, ..., Y] / k!, whose tensors come from one batched jet call
+    (:func:`hbar.derivatives.jet_tensors`); derivatives of S at Y = 0 up to order m (of div S
+    up to m - 1) equal those of the score. Otherwise the network itself is evaluated at X + Y
+    and differentiated by nested jvps."""
+    d = X.shape[1]
+    if d > JET_MAX_DIM or m < JET_MIN_ORDER:
+        return lambda Y: _score_div(score, X + Y, t)
+    Ds = jet_tensors(lambda z: score(z, t), X, m)
+
+    def S(Y):
+        val = Ds[0]
+        div = jnp.zeros(X.shape[0], X.dtype)
+        for k in range(1, m + 1):
+            val = val + _contract(Ds[k], Y, k) / math.factorial(k)
+            part = _contract(Ds[k], Y, k - 1)  # (n, d_out, d)
+            div = div + jnp.trace(part, axis1=1, axis2=2) / math.factorial(k - 1)
+        return val, div
+
+    return S
+
+
 def _rhs(score: Callable, schedule: Schedule, t: Array, X: Array, P: list[list[Array]]):
     """Time derivatives of (X, P_0, P_1[, P_2]) along the characteristic (see module doc).
 
@@ -89,14 +124,15 @@ def _rhs(score: Callable, schedule: Schedule, t: Array, X: Array, P: list[list[A
     score's derivatives are shared; its Taylor tensors up to K_0 give every update."""
     d = X.shape[1]
     f, g2 = schedule.f(t), schedule.g2(t)
-    s0 = score(X, t)
-    v_at_X = f * X - 0.5 * g2 * s0
     levels = len(P)
+    K0 = len(P[0]) - 1
+    S = local_score(score, X, t, K0 + 1)
+    s0 = S(jnp.zeros_like(X))[0]
+    v_at_X = f * X - 0.5 * g2 * s0
 
     def sources(Y):
-        Z = X + Y
-        s, divs = _score_div(score, Z, t)
-        dv = (f * Z - 0.5 * g2 * s) - v_at_X
+        s, divs = S(Y)
+        dv = (f * Y - 0.5 * g2 * s) - (-0.5 * g2 * s0)
         gp0 = poly_grad(P[0], Y)
         gp1 = poly_grad(P[1], Y)
         F0 = -(d * f - 0.5 * g2 * divs) - jnp.sum(dv * gp0, -1)
@@ -107,7 +143,7 @@ def _rhs(score: Callable, schedule: Schedule, t: Array, X: Array, P: list[list[A
             out.append(0.5 * g2 * (jnp.sum((s - 2 * gp0) * gp1, -1) - poly_laplacian(P[1], Y)))
         return jnp.stack(out, axis=1)
 
-    tensors = taylor_tensors(sources, jnp.zeros_like(X), len(P[0]) - 1)
+    tensors = taylor_tensors(sources, jnp.zeros_like(X), K0)
     dP = [[tensors[k][:, j] for k in range(len(P[j]))] for j in range(levels)]
     return v_at_X, dP
 
