@@ -102,3 +102,33 @@ def test_polynomial_helpers():
                      for i in range(n)])
     np.testing.assert_allclose(poly_grad(c, y), g, rtol=1e-12)
     np.testing.assert_allclose(poly_laplacian(c, y), lap, rtol=1e-12)
+
+
+def _fp_polynomial(score, schedule, x, nll0, hs, deg, **fp_kwargs):
+    """Coefficients [slope, curvature, ...] of a degree-``deg`` polynomial through the exact
+    NLL0 at h = 0 and the Fokker–Planck NLL(h) at ``hs`` (theory.md section 8: resolve
+    h -> 0 by extrapolation from several h, anchored at the exact h = 0 value)."""
+    from hbar.references import fokker_planck_nll
+
+    fp = fokker_planck_nll(score, schedule, x, hs, warn=False, **fp_kwargs)
+    H = np.asarray(hs)
+    A = np.stack([H**k for k in range(1, deg + 1)], axis=1)
+    coef = np.linalg.lstsq(A, np.asarray(fp.nll) - nll0, rcond=None)[0]
+    return coef, fp
+
+
+def test_c1_c2_match_fokker_planck_slope_and_curvature_1d():
+    """1-D two-component mixture, score 5 % too large, OU schedule. Measured: C1 = -0.27334
+    vs Fokker–Planck slope -0.27328; C2 = 1.5119 vs curvature 1.5040 (FP error ~1e-7)."""
+    s = hbar.OUSchedule(beta=1.0, t_min=0.01, T=8.0)
+    base = hbar.GaussianMixtureScore([0.4, 0.6], [[-1.0], [1.0]], [0.6, 0.7], s)
+    score = hbar.PerturbedScore(base, eps=0.05)
+    x = np.asarray(base.sample_data(jax.random.PRNGKey(0), 30))
+    w = nll(score, s, x, order=2, options=ODEOptions(rtol=1e-9, atol=1e-9))
+    hs = [0.0125 * k for k in range(1, 9)]
+    coef, fp = _fp_polynomial(score, s, x, w.nll0_mean[0], hs, deg=5, tol=1e-7, max_levels=7)
+    assert np.max(fp.error) < 1e-6
+    assert coef[0] == pytest.approx(w.c1_mean[0], rel=0.01)
+    assert coef[1] == pytest.approx(w.c2_mean[0], rel=0.03)
+    # and the expansion really is the small-h behaviour: at h = 0.0125 WKB-2 is within 2e-5
+    assert abs(w.nll(hs[0]) - fp.nll[0]) < 2e-5

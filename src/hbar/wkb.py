@@ -98,12 +98,17 @@ def local_score(score: Callable, X: Array, t: Array, m: int) -> Callable[[Array]
     of degree m around X,
     S(Y) = sum_k D^k s(X)[Y, ..., Y] / k!, whose tensors come from one batched jet call
     (:func:`hbar.derivatives.jet_tensors`); derivatives of S at Y = 0 up to order m (of div S
-    up to m - 1) equal those of the score. Otherwise the network itself is evaluated at X + Y
-    and differentiated by nested jvps."""
+    up to m - 1) equal those of the score. Otherwise (or if jet has no rule for a primitive
+    the score uses) the score itself is evaluated at X + Y and differentiated by nested jvps."""
     d = X.shape[1]
     if d > JET_MAX_DIM or m < JET_MIN_ORDER:
         return lambda Y: _score_div(score, X + Y, t)
-    Ds = jet_tensors(lambda z: score(z, t), X, m)
+    try:
+        Ds = jet_tensors(lambda z: score(z, t), X, m)
+    except (KeyError, NotImplementedError, TypeError):
+        # jax.experimental.jet has no rule for some primitive the score uses (for example
+        # triangular_solve in the analytic mixture score): use nested jvps instead
+        return lambda Y: _score_div(score, X + Y, t)
 
     def S(Y):
         val = Ds[0]
