@@ -10,23 +10,14 @@ from hbar.likelihood import bits_per_dim, nll
 from hbar.ode import ODEOptions
 from hbar.references import gaussian_oracle
 
+from _cases import gaussian_case
+
 TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
-
-
-def _gaussian_case(d, eps, seed=0):
-    rng = np.random.default_rng(seed)
-    B = rng.normal(size=(d, d)) / np.sqrt(d)
-    S0 = B @ B.T + 0.3 * np.eye(d)
-    m0 = rng.normal(size=d) * 0.5
-    s = hbar.OUSchedule(beta=1.0, t_min=1e-2, T=8.0)
-    score = hbar.gaussian_score(m0, S0, s, scale_eps=eps, shift=0.1 * rng.normal(size=d))
-    x = rng.multivariate_normal(m0, S0, size=5)
-    return s, score, m0, S0, x
 
 
 @pytest.mark.parametrize("d", [1, 3, 16])
 def test_nll0_matches_closed_form_with_wrong_score(d):
-    s, score, m0, S0, x = _gaussian_case(d, eps=0.15)
+    s, score, m0, S0, x = gaussian_case(d, eps=0.15)
     res = nll(score, s, x, options=TIGHT)
     ref = gaussian_oracle(score, s, m0, S0, 0.0, x=x)
     np.testing.assert_allclose(res.nll0, ref.nll_points[0], rtol=1e-6)
@@ -49,7 +40,7 @@ def test_exact_score_gives_the_diffused_data_density():
 def test_integration_direction_matters():
     """A data point at t_min is pushed towards noise: integrating the wrong way (from T with the
     point as x_T) gives a different, wrong number; ours equals the closed form."""
-    s, score, m0, S0, x = _gaussian_case(1, eps=0.3)
+    s, score, m0, S0, x = gaussian_case(1, eps=0.3)
     res = nll(score, s, x, options=TIGHT)
     ref = gaussian_oracle(score, s, m0, S0, 0.0, x=x).nll_points[0]
     np.testing.assert_allclose(res.nll0, ref, rtol=1e-7)
@@ -60,7 +51,7 @@ def test_integration_direction_matters():
 
 
 def test_hutchinson_is_unbiased_in_d16():
-    s, score, m0, S0, x = _gaussian_case(16, eps=0.2, seed=3)
+    s, score, m0, S0, x = gaussian_case(16, eps=0.2, seed=3)
     xs = np.repeat(x[:1], 400, axis=0)
     opts = ODEOptions(rtol=1e-7, atol=1e-7)
     hut = nll(score, s, xs, divergence="hutchinson", key=jax.random.PRNGKey(1), options=opts, batch_size=400)

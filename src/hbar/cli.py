@@ -270,6 +270,22 @@ def path_nll_cmd(
         out.print(table)
 
 
+def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: str) -> None:
+    """Run hbar.reproduce.run_demo / run_reproduce with stage progress bars and print where
+    the report is (stages are cached in the output folder, so a rerun resumes)."""
+    _setup()
+    with _errors():
+        from hbar import reproduce as study
+
+        t0 = time.perf_counter()
+        with _progress() as prog:
+            getattr(study, which)(output, quick=quick, seed=seed, progress=_StageBars(prog))
+        report = Path(output) / report_name
+        out.print(f"{which} finished in {time.perf_counter() - t0:.0f} s; report: {report}")
+        if report.exists() and which == "run_demo":
+            out.print(report.read_text())
+
+
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option("--out", help="results folder")] = Path("results/demo"),
@@ -277,18 +293,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The main job: train on the swiss roll, sample at several h, NLL(h) by WKB vs brute force."""
-    _setup()
-    with _errors():
-        from hbar.reproduce import run_demo
-
-        t0 = time.perf_counter()
-        with _progress() as prog:
-            res = run_demo(output, quick=quick, seed=seed, progress=_StageBars(prog))
-        out.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {output}")
-        summary = Path(output) / "summary.md"
-        if summary.exists():
-            out.print(summary.read_text())
-        return res
+    _run_study("run_demo", output, quick, seed, "summary.md")
 
 
 @app.command()
@@ -298,14 +303,7 @@ def reproduce(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Reproduce the paper's experiments (1-D Gaussian study, 2-D Table 1, W2(h)); resumable."""
-    _setup()
-    with _errors():
-        from hbar.reproduce import run_reproduce
-
-        t0 = time.perf_counter()
-        with _progress() as prog:
-            run_reproduce(output, quick=quick, seed=seed, progress=_StageBars(prog))
-        out.print(f"reproduce finished in {time.perf_counter() - t0:.0f} s; report: {Path(output) / 'report.md'}")
+    _run_study("run_reproduce", output, quick, seed, "report.md")
 
 
 @app.command()

@@ -34,6 +34,7 @@ from jax import Array
 
 from hbar.derivatives import divergence, divergence_hutchinson
 from hbar.ode import ODEOptions, all_finite_rows, solve_ode
+from hbar.sampling import cast_floats
 from hbar.schedules import Schedule
 from hbar.validation import HbarInputError, check_h, check_points, check_positive_int
 
@@ -215,11 +216,12 @@ def run_batched(fn: Callable[..., dict], score: Callable, arrays: list[np.ndarra
 
 @eqx.filter_jit
 def _jit_batch(fn, score, args, static):
-    return fn(score, *args, **static)
+    return fn(cast_floats(score, args[0].dtype), *args, **static)
 
 
 @eqx.filter_jit
 def _jit_rows(fn, score, args, static):
+    score = cast_floats(score, args[0].dtype)
     return jax.vmap(lambda *rows: fn(score, *[r[None] for r in rows], **static))(*args)
 
 

@@ -60,6 +60,11 @@ def time_grid(schedule: Schedule, steps: int, t_start: float | None = None, t_en
     return jnp.linspace(t_start, t_end, steps + 1, dtype=dtype or jnp.result_type(float))
 
 
+def cast_floats(tree, dtype):
+    """Cast every floating-point array leaf of a pytree (e.g. a network's weights) to dtype."""
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
 def score_dimension(score: Callable, d: int | None) -> int:
     """The data dimension: ``d`` if given, else ``score.dim`` (analytic scores) or ``score.d``
     (hbar networks) when the score carries it."""
@@ -237,7 +242,7 @@ def _sde_run(score, x0, key, h, bound, ts, *, schedule, method, keep_path):
 @eqx.filter_jit
 def _adaptive_run(score, x0, *, schedule, options):
     """Per-point adaptive probability-flow solve from T to t_min (vmapped over rows)."""
-    u = backward_drift(score, schedule, 0.0)
+    u = backward_drift(cast_floats(score, x0.dtype), schedule, 0.0)
 
     def one(x):
         sol = solve_ode(lambda t, y: u(y[None], t)[0], x, schedule.T, schedule.t_min, options)
