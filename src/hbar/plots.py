@@ -1,0 +1,200 @@
+"""Figures of the reproduction (:mod:`hbar.reproduce`): pure functions of arrays and a path.
+
+Every function takes plain NumPy arrays (or lists), draws one PNG with the non-interactive
+Agg backend, writes it to ``path`` (parent directories are created) and returns the path.
+No function reads result files or computes anything but what it draws.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = [
+    "plot_gauss1d",
+    "plot_samples_grid",
+    "plot_samples_single",
+    "plot_nll_h",
+    "plot_w2_h",
+    "plot_fd_vs_exact",
+]
+
+
+def _save(fig: Any, path: str | os.PathLike) -> str:
+    p = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def _arr(a: Any) -> np.ndarray:
+    """Float array with None -> NaN (JSON null round trip)."""
+    return np.array([np.nan if v is None else v for v in np.ravel(np.asarray(a, dtype=object))], dtype=float)
+
+
+def plot_gauss1d(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """1-D Gaussian study: one column per score error eps, NLL(h) on top, W2(h) below.
+
+    Each case holds ``eps``; ``h_grid``, ``nll_oracle`` (closed form at the evaluation points),
+    ``w2_oracle`` (Bures, not squared); ``nll0``, ``c1``, ``c2`` (WKB coefficients, means over
+    the points); optional marker series ``h_fp, nll_fp, nll_fp_err``; ``h_path, nll_path,
+    nll_path_se``; ``h_samples, nll_fit, nll_fit_se, w2_samples, w2_samples_se``; ``w2_floor``.
+    """
+    k = len(cases)
+    fig, axes = plt.subplots(2, k, figsize=(3.6 * k, 6.4), squeeze=False)
+    for j, c in enumerate(cases):
+        ax = axes[0, j]
+        hg = _arr(c["h_grid"])
+        ax.plot(hg, _arr(c["nll_oracle"]), "k-", lw=2, label="closed form")
+        ax.plot(hg, c["nll0"] + hg * c["c1"], "C0--", label="WKB order 1")
+        ax.plot(hg, c["nll0"] + hg * c["c1"] + hg**2 * c["c2"], "C1-.", label="WKB order 2")
+        if c.get("h_fp") is not None:
+            ax.errorbar(_arr(c["h_fp"]), _arr(c["nll_fp"]), yerr=_arr(c["nll_fp_err"]), fmt="s", color="C2",
+                        ms=5, mfc="none", label="Fokker-Planck")
+        if c.get("h_path") is not None:
+            ax.errorbar(_arr(c["h_path"]), _arr(c["nll_path"]), yerr=_arr(c["nll_path_se"]), fmt="^", color="C3",
+                        ms=5, label="path-integral MC")
+        if c.get("h_samples") is not None:
+            ax.errorbar(_arr(c["h_samples"]), _arr(c["nll_fit"]), yerr=_arr(c["nll_fit_se"]), fmt="o", color="C4",
+                        ms=4, label="Gaussian fit of samples")
+        ax.set_title(f"eps = {c['eps']:+g}")
+        ax.set_xlabel("h")
+        if j == 0:
+            ax.set_ylabel("NLL (nats)")
+            ax.legend(fontsize=7)
+        ax = axes[1, j]
+        ax.plot(hg, _arr(c["w2_oracle"]), "k-", lw=2, label="closed form (Bures)")
+        if c.get("h_samples") is not None:
+            ax.errorbar(_arr(c["h_samples"]), _arr(c["w2_samples"]), yerr=_arr(c["w2_samples_se"]), fmt="o",
+                        color="C4", ms=4, label="samples vs data (EMD)")
+        if c.get("w2_floor") is not None:
+            ax.axhline(c["w2_floor"], color="gray", ls=":", label="data vs data (finite n)")
+        ax.set_xlabel("h")
+        if j == 0:
+            ax.set_ylabel("W2 (not squared)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_samples_grid(data: np.ndarray, samples: Mapping[float, np.ndarray], path: str | os.PathLike,
+                      title: str = "", lim: float = 3.0) -> str:
+    """Data and model samples at several h, one panel each (2-D)."""
+    items = [("data", np.asarray(data))] + [(f"h = {h:g}", np.asarray(s)) for h, s in samples.items()]
+    k = len(items)
+    fig, axes = plt.subplots(1, k, figsize=(2.8 * k, 3.0), squeeze=False)
+    for ax, (lab, pts) in zip(axes[0], items):
+        pts = pts[np.all(np.isfinite(pts), axis=1)]
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, color="k" if lab == "data" else "C0")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(lab, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_samples_single(samples: np.ndarray, path: str | os.PathLike, title: str = "",
+                        data: np.ndarray | None = None, lim: float = 3.0) -> str:
+    """One scatter plot of 2-D samples (optionally over the data in grey)."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    if data is not None:
+        ax.scatter(data[:, 0], data[:, 1], s=1, alpha=0.3, color="0.6", label="data")
+    s = np.asarray(samples)
+    s = s[np.all(np.isfinite(s), axis=1)]
+    ax.scatter(s[:, 0], s[:, 1], s=1, alpha=0.6, color="C0", label="samples")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_nll_h(path: str | os.PathLike, *, nll0: float, c1: float, c2: float | None,
+               h_fp: Any = None, nll_fp: Any = None, err_fp: Any = None, converged: Any = None,
+               nll0_se: float | None = None, h_max: float = 1.0, entropy: float | None = None,
+               title: str = "") -> str:
+    """NLL(h): WKB lines of order 1 and 2 against the brute-force Fokker-Planck values.
+
+    The h = 0 point is the exact probability-flow NLL0 (with its standard error). FP markers
+    carry their discretisation error estimate; unconverged values are drawn hollow."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    hg = np.linspace(0.0, h_max, 101)
+    ax.plot(hg, nll0 + c1 * hg, "C0--", label=f"WKB 1: NLL0 + h C1 (C1 = {c1:.3g})")
+    if c2 is not None and math.isfinite(c2):
+        ax.plot(hg, nll0 + c1 * hg + c2 * hg**2, "C1-.", label=f"WKB 2 (+ h^2 C2, C2 = {c2:.3g})")
+    ax.errorbar([0.0], [nll0], yerr=[0.0 if nll0_se is None else nll0_se], fmt="ko", ms=5, label="NLL0 (exact PF ODE)")
+    if h_fp is not None and len(h_fp):
+        h_fp, nll_fp, err_fp = _arr(h_fp), _arr(nll_fp), _arr(err_fp)
+        conv = np.ones_like(h_fp, bool) if converged is None else np.asarray(converged, bool)
+        if conv.any():
+            ax.errorbar(h_fp[conv], nll_fp[conv], yerr=err_fp[conv], fmt="s", color="C2", ms=6,
+                        label="Fokker-Planck (converged)")
+        if (~conv).any():
+            ax.errorbar(h_fp[~conv], nll_fp[~conv], yerr=err_fp[~conv], fmt="s", color="C2", mfc="none", ms=6,
+                        label="Fokker-Planck (not converged)")
+    if entropy is not None:
+        ax.axhline(entropy, color="gray", ls=":", label=f"data entropy {entropy:.3f}")
+    lo = [nll0]
+    if nll_fp is not None:
+        lo += [v for v in _arr(nll_fp) if math.isfinite(v)]
+    if entropy is not None:
+        lo.append(entropy)
+    span = max(lo) - min(lo)
+    ax.set_ylim(min(lo) - 0.3 * span - 0.1, max(lo) + 0.3 * span + 0.1)
+    ax.set_xlabel("h")
+    ax.set_ylabel("NLL (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_w2_h(path: str | os.PathLike, curves: Mapping[str, Mapping[str, Any]], ylabel: str = "W2",
+              floor: Mapping[str, float] | None = None, title: str = "") -> str:
+    """W2 (or W2^2) against h, one curve per label: ``{"h": .., "mean": .., "se": ..}``;
+    ``floor``: per label, the same metric between two independent data sets (finite-n floor)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for i, (lab, c) in enumerate(curves.items()):
+        ax.errorbar(_arr(c["h"]), _arr(c["mean"]), yerr=_arr(c["se"]), fmt="o-", color=f"C{i}", ms=4, label=lab)
+        if floor and lab in floor and floor[lab] is not None:
+            ax.axhline(floor[lab], color=f"C{i}", ls=":", lw=1)
+    ax.set_xlabel("h")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_fd_vs_exact(path: str | os.PathLike, c1_exact: np.ndarray, c1_fd: Mapping[str, np.ndarray],
+                     title: str = "") -> str:
+    """Per-point C1: the paper's finite-difference algorithm against the exact value."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ce = np.asarray(c1_exact, float)
+    allv = [ce]
+    for i, (lab, v) in enumerate(c1_fd.items()):
+        v = np.asarray(v, float)
+        ax.scatter(ce, v, s=14, color=f"C{i}", label=lab)
+        allv.append(v)
+    a = np.concatenate([x[np.isfinite(x)] for x in allv])
+    if a.size:
+        lo, hi = float(a.min()), float(a.max())
+        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+    ax.set_xlabel("C1 exact (characteristics)")
+    ax.set_ylabel("C1 finite difference")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,163 @@
+"""End-to-end tests of hbar.reproduce at tiny sizes: the report's numbers are recomputed with
+the library's own functions (never compared with hard-coded values), and resume is checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from hbar.likelihood import nll  # noqa: E402
+from hbar.metrics import w2_empirical  # noqa: E402
+from hbar.ode import ODEOptions  # noqa: E402
+from hbar.references import gaussian_oracle  # noqa: E402
+from hbar.reproduce import ReproduceConfig, load_stage, run_demo, run_reproduce  # noqa: E402
+from hbar.schedules import OUSchedule  # noqa: E402
+from hbar.scores import gaussian_score  # noqa: E402
+from hbar.training import load_checkpoint  # noqa: E402
+from hbar.validation import HbarInputError  # noqa: E402
+
+MODEL = "swiss_roll-simple"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    calls = []
+    res = run_reproduce(out, config=ReproduceConfig.tiny(), progress=lambda s, d, t: calls.append((s, d, t)))
+    return out, res, calls
+
+
+def test_outputs_exist_and_progress(tiny_run):
+    out, res, calls = tiny_run
+    for f in ("report.md", "results.json", "table1.csv", "w2.csv", "gauss1d.csv", "finite_difference.csv",
+              "minimisers.csv", "figures/gauss1d.png", f"figures/nll_h_{MODEL}.png", "figures/w2_w2.png",
+              f"figures/samples_w2_{MODEL}.png", f"figures/fd_vs_exact_{MODEL}.png"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert res["complete"]
+    assert all(isinstance(s, str) and isinstance(d, int) and isinstance(t, int) and 0 <= d <= t for s, d, t in calls)
+    stages = {s for s, _, _ in calls}
+    assert {"gauss1d", f"train/{MODEL}", f"nll/{MODEL}", f"w2/{MODEL}", f"fp/{MODEL}"} <= stages
+    with open(os.path.join(out, "results.json")) as fh:
+        on_disk = json.load(fh)
+    assert on_disk["config"]["name"] == "tiny"
+    assert all(v is not None and v >= 0 for v in on_disk["stage_seconds"].values())
+    md = open(os.path.join(out, "report.md")).read()
+    assert "1.39 ± 0.05" in md and "-0.31 ± 0.21" in md  # the paper's numbers are put beside ours
+
+
+def test_table1_recomputed_with_hbar_nll(tiny_run):
+    out, res, _ = tiny_run
+    cfg = ReproduceConfig.tiny()
+    score, schedule, _ = load_checkpoint(os.path.join(out, "models", MODEL))
+    js, arr = load_stage(out, f"nll/{MODEL}")
+    r = nll(score, schedule, arr["x"], order=1, bound=cfg.bound, options=ODEOptions(rtol=cfg.nll_tol, atol=cfg.nll_tol))
+    m = res["models"][MODEL]["nll"]
+    assert m["n"] == arr["x"].shape[0] == cfg.n_test
+    assert m["n_failed"] == r.n_failed
+    np.testing.assert_allclose(m["nll0"]["mean"], r.nll0_mean[0], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(m["c1"]["mean"], r.c1_mean[0], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(m["nll0"]["se"], r.nll0_mean[1], rtol=1e-6)
+    # the CSV table holds the same numbers
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(out, "table1.csv"))))
+    assert rows[0]["model"] == MODEL
+    np.testing.assert_allclose(float(rows[0]["c1"]), r.c1_mean[0], rtol=1e-8)
+    # C2 stage: C1 of order 2 equals C1 of order 1 on the same points (to solver tolerance)
+    c2 = res["models"][MODEL]["c2"]
+    c2js, c2a = load_stage(out, f"c2/{MODEL}")
+    scale = 1.0 + np.max(np.abs(c2a["c1"]))
+    assert c2["max_abs_c1_diff_order1_vs_order2"] < 10 * cfg.nll_tol * scale
+    # the finite-difference stage compares against the stored exact C1 of the same points
+    fd, fda = load_stage(out, f"fd/{MODEL}")
+    np.testing.assert_allclose(fda["c1_exact"], arr["c1"][fda["idx"]])
+
+
+def test_gauss1d_against_closed_form(tiny_run):
+    _, res, _ = tiny_run
+    cfg = ReproduceConfig.tiny()
+    g = res["gauss1d"]
+    sch = OUSchedule(beta=cfg.g1_beta, t_min=cfg.g1_t_min, T=cfg.g1_T)
+    m0, S0 = np.zeros(1), np.array([[cfg.g1_v0]])
+    assert [c["eps"] for c in g["cases"]] == list(cfg.g1_eps)
+    for c in g["cases"]:
+        o = gaussian_oracle(gaussian_score(m0, S0, sch, scale_eps=c["eps"]), sch, m0, S0, c["h_grid"])
+        np.testing.assert_allclose(c["nll_oracle_expect"], o.nll, rtol=1e-9)
+        np.testing.assert_allclose(c["w2_oracle"], o.w2, rtol=1e-9)
+        np.testing.assert_allclose(c["oracle_c1"], o.c1[0], rtol=1e-9)
+        np.testing.assert_allclose(c["oracle_c2"], o.c2[0], rtol=1e-9)
+        # the WKB means (hbar.nll order 2) agree with the oracle at the same points
+        np.testing.assert_allclose(c["wkb"]["c1"][0], c["oracle_c1_points"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c["wkb"]["c2"][0], c["oracle_c2_points"], rtol=1e-4, atol=1e-5)
+        # the fall/rise classification follows the closed form
+        fell = o.nll[-1] < o.nll[0]
+        assert (c["eps"] in g["nll_falls_with_h"]) == fell
+
+
+def test_w2_recomputed(tiny_run):
+    out, res, _ = tiny_run
+    js, arr = load_stage(out, f"w2/{MODEL}")
+    for i, h in enumerate(arr["h"]):
+        s = arr[f"samples_h{i}"][arr[f"valid_h{i}"]]
+        d2 = w2_empirical(s, arr["fresh0"], squared=True)
+        np.testing.assert_allclose(js["w2_sq_trials"][i][0], d2, rtol=1e-10)
+        np.testing.assert_allclose(js["w2_trials"][i][0], math.sqrt(d2), rtol=1e-10)
+        np.testing.assert_allclose(js["w2"][i][0], np.mean(js["w2_trials"][i]), rtol=1e-12)
+    mm = res["models"][MODEL]["minimisers"]
+    assert mm["h_min_w2_small"] == js["h"][int(np.argmin([v[0] for v in js["w2"]]))]
+
+
+def test_resume_does_not_recompute(tiny_run):
+    out, res, _ = tiny_run
+    stage_dir = os.path.join(out, "stages")
+    before = {f: os.path.getmtime(os.path.join(stage_dir, f)) for f in os.listdir(stage_dir)}
+    res2 = run_reproduce(out, config=ReproduceConfig.tiny())
+    after = {f: os.path.getmtime(os.path.join(stage_dir, f)) for f in os.listdir(stage_dir)}
+    assert before == after
+    assert res2["stage_log_this_call"] and all(v["cached"] for v in res2["stage_log_this_call"].values())
+    assert res2["models"] == res["models"]
+    assert res2["gauss1d"] == res["gauss1d"]
+    assert len(res2["wall_seconds_history"]) == 2 and res2["wall_seconds_history"][-1]["recomputed"] == []
+    # a different configuration on the same directory is refused
+    with pytest.raises(HbarInputError):
+        run_reproduce(out, config=ReproduceConfig.tiny(epochs=6))
+
+
+def test_interrupted_stage_is_recomputed(tiny_run, tmp_path):
+    """Deleting one stage's marker (as an interruption would leave it) recomputes only that stage."""
+    import shutil
+
+    out, res, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    os.remove(copy / "stages" / f"w2wide__{MODEL}.json")
+    res2 = run_reproduce(copy, config=ReproduceConfig.tiny())
+    log = res2["stage_log_this_call"]
+    assert not log[f"w2wide/{MODEL}"]["cached"]
+    assert all(v["cached"] for k, v in log.items() if k != f"w2wide/{MODEL}")
+    assert res2["models"][MODEL]["w2wide"]["w2"] == res["models"][MODEL]["w2wide"]["w2"]  # deterministic
+
+
+def test_demo_tiny(tmp_path):
+    cfg = ReproduceConfig.demo_tiny()
+    res = run_demo(tmp_path, config=cfg)
+    assert res["kind"] == "demo" and res["complete"]
+    for h in sorted(set(cfg.w2_h_small) | set(cfg.w2_h_wide)):
+        assert os.path.isfile(tmp_path / "figures" / f"samples_h{h:g}.png")
+    for f in ("report.md", "results.json", "table1.csv", "w2.csv", f"figures/nll_h_{MODEL}.png"):
+        assert os.path.isfile(tmp_path / f), f
+    m = res["models"][MODEL]
+    _, arr = load_stage(tmp_path, f"nll/{MODEL}")
+    v = arr["valid"]
+    np.testing.assert_allclose(m["nll"]["nll0"]["mean"], arr["nll0"][v].mean(), rtol=1e-12)
+    np.testing.assert_allclose(m["nll"]["c1"]["mean"], arr["c1"][v].mean(), rtol=1e-12)
+    assert m["c2"] is not None and m["fd"] is None
+    assert res["gauss1d"] is None
