@@ -17,9 +17,10 @@ from _cases import gaussian_case
 TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("d", [1, 3, 16, 64])
 def test_c1_matches_closed_form(d):
     s, score, m0, S0, x = gaussian_case(d, eps=0.15)
+    x = x[:2] if d == 64 else x
     res = nll(score, s, x, order=1, options=TIGHT)
     ref = gaussian_oracle(score, s, m0, S0, 0.0, x=x)
     np.testing.assert_allclose(res.nll0, ref.nll_points[0], rtol=1e-6)

@@ -55,17 +55,32 @@ def divergence_hutchinson(F: Callable[[Array], Array], x: Array, probe: Array) -
     return value, jnp.sum(probe * jv, axis=-1)
 
 
-def taylor_tensors(phi: Callable[[Array], Array], x: Array, order: int) -> list[Array]:
+def taylor_tensors(phi: Callable[[Array], Array], x: Array, order: int, reverse_first: bool = False) -> list[Array]:
     """All derivative tensors of a row-wise map phi: (n, d) -> (n, ...) at x, up to ``order``.
 
     Returns [phi (n, ...), D phi (n, ..., d), D^2 phi (n, ..., d, d), ...] (order + 1
     entries). Every order is one layer of forward-mode basis-vector jvps (the primal of each
     layer is computed once, not per direction), so the k-th tensor costs d^k directional
     passes. Forward-over-forward was measured 6-8x faster here than forward-over-reverse
-    for third derivatives of a 3 x 128 MLP on CPU.
+    for third derivatives of a 3 x 128 MLP on CPU in d = 2. ``reverse_first`` (for scalar
+    rows, large d) takes the gradient by one reverse pass of sum_i phi_i instead of d jvps,
+    which divides the cost of every higher order by d; rows may then be scalars (n,) or
+    small vectors (n, L).
     """
-    fn: Callable[[Array], tuple] = lambda y: (phi(y),)
-    for _ in range(order):
+    if reverse_first and order >= 1:
+        def fn(y):
+            val, pullback = jax.vjp(phi, y)
+            if val.ndim == 1:
+                return (val, pullback(jnp.ones_like(val))[0])
+            # (n, L) rows: one pullback per output column, cotangent 1 on that column
+            eyes = jnp.broadcast_to(jnp.eye(val.shape[1], dtype=val.dtype)[:, None, :], (val.shape[1],) + val.shape)
+            grads = jax.vmap(lambda ct: pullback(ct)[0])(eyes)  # (L, n, d)
+            return (val, jnp.moveaxis(grads, 0, 1))
+        start = 1
+    else:
+        fn = lambda y: (phi(y),)  # noqa: E731
+        start = 0
+    for _ in range(start, order):
         fn = _add_order(fn)
     return list(fn(x))
 
