@@ -177,7 +177,7 @@ def _write_figures(out_dir: str, results: dict[str, Any]) -> dict[str, str]:
             cases.append(dict(
                 eps=c["eps"], h_grid=c["h_grid"], nll_oracle=c["nll_oracle"], w2_oracle=c["w2_oracle"],
                 nll0=c["wkb"]["nll0"][0], c1=c["wkb"]["c1"][0], c2=c["wkb"]["c2"][0],
-                h_fp=fp["h"], nll_fp=fp["nll"], nll_fp_err=[max(a or 0, b or 0) for a, b in zip(fp["error"], fp["stderr"])],
+                h_fp=fp["h"], nll_fp=fp["nll"], nll_fp_err=[0.0 if e is None else e for e in fp["error"]],
                 h_path=pth["h"], nll_path=pth["nll"], nll_path_se=pth["mc_se"],
                 h_samples=s["h"], nll_fit=[v[0] for v in s["nll_gauss_fit"]], nll_fit_se=[v[1] for v in s["nll_gauss_fit"]],
                 w2_samples=[v[0] for v in s["w2"]], w2_samples_se=[v[1] for v in s["w2"]], w2_floor=s["w2_floor"][0]))
@@ -214,8 +214,10 @@ def _write_figures(out_dir: str, results: dict[str, Any]) -> dict[str, str]:
                 if pick:
                     figs[f"samples_{key}/{m}"] = plots.plot_samples_grid(
                         arr["data"], pick, os.path.join(fig_dir, f"samples_{key}_{m}.png"), title=_name(m))
-                if results.get("kind") == "demo" and key == "w2wide" or (results.get("kind") == "demo" and key == "w2"):
+                if results.get("kind") == "demo":
                     for i, h in enumerate(hs):
+                        if any(k.startswith(f"sample_h{h:g}/{m}/") for k in figs):
+                            continue
                         figs[f"sample_h{h:g}/{m}/{key}"] = plots.plot_samples_single(
                             arr[f"samples_h{i}"], os.path.join(fig_dir, f"samples_h{h:g}.png"),
                             title=f"{_name(m)}, h = {h:g}", data=arr["data"])
@@ -412,7 +414,7 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
         L += [_table(["model", "h", "NLL_FP(h)", "error est.", "converged", "slope", "cells per axis"], rows), ""]
         flagged = [(m, r["fp"]["flags"]) for m, r in results["models"].items() if r.get("fp") and r["fp"]["flags"]]
         for m, fl in flagged:
-            L.append(f"- FP flags for {_name(m)}: " + "; ".join(fl))
+            L.append(f"- FP flags for {_name(m)}: " + "; ".join(dict.fromkeys(fl)))
         if flagged:
             L.append("")
     for m in results["models"]:
@@ -473,6 +475,26 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
     if rows:
         L += [_table(["model", "C1", "C2", "WKB-2 h* = -C1/(2 C2)", "argmin NLL_FP (grid 0 ∪ FP h)",
                       "argmin W2 on [0,0.2]", "argmin W2 on [0,1]", "C1 sign ↔ NLL min", "C1 sign ↔ W2 min"], rows), ""]
+        for m, r in results["models"].items():
+            mm = r.get("minimisers") or {}
+            if not mm or mm.get("c1") is None:
+                continue
+            txt = [f"C1 = {_f(mm['c1'])} predicts that the NLL {'falls' if mm['c1'] < 0 else 'rises'} for small h"]
+            if mm.get("h_star_wkb2"):
+                txt.append(f"the order-2 series has its minimum at h* = {_f(mm['h_star_wkb2'])} "
+                           f"(NLL {_f(mm.get('nll_min_wkb2'))})")
+            if "h_min_nll_fp" in mm:
+                txt.append(f"the brute-force NLL is smallest at h = {_f(mm['h_min_nll_fp'], 2)} of the grid "
+                           f"{[round(h, 3) for h in mm.get('fp_grid', [])]}"
+                           + ("" if mm.get("h_min_nll_fp_converged", True) else " (that FP value is not converged)"))
+            if "h_min_w2_small" in mm:
+                drop = mm.get("w2_drop_small")
+                txt.append(f"W2 is smallest at h = {_f(mm['h_min_w2_small'])} on [0, 0.2]"
+                           + (f" (W2 lower than at h = 0 by {_f(drop, 4)})" if drop is not None else ""))
+            if "h_min_w2_wide" in mm:
+                txt.append(f"at h = {_f(mm['h_min_w2_wide'], 2)} on [0, 1]")
+            L.append(f"- **{_name(m)}**: " + "; ".join(txt) + ".")
+        L.append("")
         L += ["The argmins are over the grids evaluated (FP: h = 0 from the exact probability-flow NLL and the FP h "
               "values; W2: the sampler grid) and are only as fine as those grids; 'C1 sign ↔ min' asks whether "
               "C1 < 0 (noise helps at small h) coincides with a minimiser at h > 0.", ""]
@@ -506,6 +528,10 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
         L += ["## 6. Differences from the paper and their reasons", ""]
         L += _discussion(results)
         L.append("")
+
+    notes = os.path.join(out_dir, "NOTES.md")
+    if os.path.exists(notes):
+        L += ["## Notes on this run", "", open(notes).read().strip(), ""]
 
     # ---- stage timing
     L += ["## Stages and wall time", ""]
@@ -565,9 +591,11 @@ def _discussion(results: dict[str, Any]) -> list[str]:
                          f"adds about {_f(v['rms_diff'] / math.sqrt(max(nl['n'] - nl['n_failed'], 1)) if v['rms_diff'] else None)} "
                          "to the standard error of a 1000-point mean, plus any systematic offset")
         L.append(f"- **{_name(m)}**: " + "; ".join(parts) + ".")
-    L.append("- The paper's ± is a standard deviation of unstated origin (it is far smaller than the per-point sd "
-             "of the NLL, so it is not the spread over points); we quote standard errors over the 1000 test "
-             "points, and the per-point sd in the line-by-line list. Models are single training runs (seed 0).")
+    n = results["config"]["n_test"]
+    L.append(f"- The paper's ± is called a standard deviation but is far smaller than the per-point sd of NLL0 "
+             f"and C1 (see the line-by-line list), so it is not the spread over points; it is of the size of a "
+             f"standard error over ~1000 points. We quote standard errors over our {n} test points. Each model "
+             "is a single training run (seed 0); run-to-run variation of training is not in any error bar.")
     return L
 
 

@@ -150,12 +150,13 @@ class ReproduceConfig:
 
     @classmethod
     def tiny(cls, **kw: Any) -> ReproduceConfig:
-        """For tests (seconds): one model, a few epochs, tiny sizes. Numbers are meaningless."""
+        """For tests (seconds): one model, a few epochs, tiny sizes, no 2-D C2 stage (the demo
+        covers it; the 1-D study has order 2). Numbers are meaningless."""
         base = dict(
             name="tiny", g1_eps=(-0.2, 0.2), g1_h_grid=5, g1_n_points=40, g1_h_samples=(0.0, 1.0), g1_n_samples=200,
             g1_trials=1, g1_steps=50, g1_path_h=(1.0,), g1_path_paths=16, g1_path_steps=20, g1_fp_h=(0.5, 1.0),
             g1_fp_tol=1e-2, datasets=("swiss_roll",), schedules=("simple",), epochs=5, n_test=24, nll_tol=1e-3,
-            n_c2=3, n_fd=2, fd_tols=((1e-2, 1e-3),), fp_h=(0.5, 1.0), fp_points=24, fp_tol=1e-1,
+            n_c2=0, n_fd=2, fd_tols=((1e-2, 1e-3),), fp_h=(0.5, 1.0), fp_points=24, fp_tol=1e-1,
             fp_max_cells=48 * 48, fp_max_levels=2, w2_h_small=(0.0, 0.2), w2_trials=1, w2_h_wide=(0.0, 1.0),
             w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0),
         )
