@@ -273,6 +273,10 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
     L += [f"Configuration `{cfg['name']}`, seed {results['seed']}. "
           f"Status: **{'complete' if results['complete'] else 'PARTIAL (stages missing, see below)'}**; "
           f"updated {results['updated_at']}.", ""]
+    fn = "run_demo" if demo else "run_reproduce"
+    L += [f"Produced by `hbar.reproduce.{fn}(out_dir, quick={cfg['name'].endswith('quick')})` "
+          "(sizes: `hbar.reproduce.ReproduceConfig`); calling it again on the same `out_dir` resumes an "
+          "interrupted run and recomputes nothing that has finished. Paper numbers: theory.md section 10.", ""]
     hist = results.get("wall_seconds_history") or []
     tot = results.get("total_stage_seconds")
     L += [f"Sum of the wall times of all stages: {_f(tot / 60 if tot else None, 1)} min "
@@ -392,6 +396,15 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
                      _pm(nl["nll0_tol_paper"]), _f(ent[0] if ent else None), _f(nl.get("excess_nll0"))])
     L += [_table(["model", "C2 (order 2)", "C2 points", "C1 on the C2 points", f"NLL0 at tol {cfg['nll_tol_paper']:g}",
                   "data entropy", "excess NLL0 = NLL0 - entropy"], rows), ""]
+    rob = _robust_c1(out_dir, results)
+    if rob:
+        L += ["The per-point C1 is heavy-tailed in both directions (sharp learned scores near t_min), so its mean "
+              "is carried by a few points. Robust summaries of the same per-point values:", ""]
+        L += [_table(["model", "C1 mean ± se", "C1 median", "C1 5%-trimmed mean", "C1 1% / 99% quantiles",
+                      "min / max", "NLL0 median"],
+                     [[_name(m), _pm(r["mean_se"]), _f(r["median"], 2), _f(r["trim5"], 2),
+                       f"{_f(r['q01'], 1)} / {_f(r['q99'], 1)}", f"{_f(r['min'], 1)} / {_f(r['max'], 1)}",
+                       _f(r["nll0_median"])] for m, r in rob.items()]), ""]
     L += [f"C2 is computed on the first {cfg['n_c2']} valid test points only (order 2 costs 5-10x order 1); "
           "the WKB-2 line uses NLL0 and C1 of all points and C2 of that subset. Entropies: theory.md section 9 "
           "(swiss roll 1.333 ± 0.004, 25 Gaussians -2.015 ± 0.005).", ""]
@@ -442,6 +455,19 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
     if rows:
         L += [_table(["model", "range", "h", "W2", "W2 squared", "blow-ups", f"outside [-{cfg['bound']:g},{cfg['bound']:g}]²"],
                      rows), ""]
+    srows = []
+    for m, r in results["models"].items():
+        for key, rng in (("w2", "[0, 0.2]"), ("w2wide", "[0, 1]")):
+            js = r.get(key)
+            if js and len(js["h"]) > 1:
+                a1 = w2_slope(js["h"], js["w2_trials"])
+                a2 = w2_slope(js["h"], js["w2_sq_trials"])
+                srows.append([_name(m), rng, f"{_f(a1[0], 4)} ± {_f(a1[1], 4)}", f"{_f(a2[0], 4)} ± {_f(a2[1], 4)}",
+                              _f(js["w2"][0][0], 4), _f(js["floor_w2"][0], 4)])
+    if srows:
+        L += ["Linear trend of W2 in h (least squares over all trials and h of the range; negative = noise helps):", ""]
+        L += [_table(["model", "range", "dW2/dh ± se", "d(W2²)/dh ± se", "W2 at h = 0", "W2 floor (data vs data)"],
+                     srows), ""]
     for key in ("w2", "w2wide"):
         if f"w2/{key}" in figs:
             L.append(f"![W2 {key}]({_rel(out_dir, figs[f'w2/{key}'])}) ![W2sq {key}]({_rel(out_dir, figs[f'w2sq/{key}'])})")
@@ -541,6 +567,48 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
     if missing:
         L += ["**Missing stages** (not finished when this report was written): " + ", ".join(missing), ""]
     return "\n".join(L) + "\n"
+
+
+def w2_slope(h: Any, trials: Any) -> tuple[float, float]:
+    """Least-squares slope d(metric)/dh over all trials pooled, with its standard error
+    (OLS, residual variance); ``trials`` is (nh, n_trials). NaN if fewer than 3 values."""
+    x = np.repeat(np.asarray(h, float), [len(t) for t in trials])
+    y = np.concatenate([np.asarray(t, float) for t in trials])
+    ok = np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 3 or np.ptp(x) == 0:
+        return math.nan, math.nan
+    X = np.stack([np.ones_like(x), x], axis=1)
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ beta
+    s2 = float(resid @ resid) / (x.size - 2)
+    cov = s2 * np.linalg.inv(X.T @ X)
+    return float(beta[1]), float(math.sqrt(cov[1, 1]))
+
+
+def _robust_c1(out_dir: str, results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Median, 5 %-trimmed mean and quantiles of the per-point C1 (from the nll stage arrays)."""
+    from hbar.reproduce import load_stage
+
+    out = {}
+    for m, r in results["models"].items():
+        if not r.get("nll"):
+            continue
+        _, arr = load_stage(out_dir, f"nll/{m}")
+        if arr is None:
+            continue
+        c = np.asarray(arr["c1"], float)[arr["valid"]]
+        c = c[np.isfinite(c)]
+        if c.size < 3:
+            continue
+        srt = np.sort(c)
+        k = int(0.05 * c.size)
+        trim = srt[k:c.size - k] if c.size - 2 * k > 0 else srt
+        out[m] = {"mean_se": r["nll"]["c1"], "median": float(np.median(c)), "trim5": float(trim.mean()),
+                  "q01": float(np.quantile(c, 0.01)), "q99": float(np.quantile(c, 0.99)), "min": float(c.min()),
+                  "max": float(c.max()),
+                  "nll0_median": float(np.median(np.asarray(arr["nll0"], float)[arr["valid"]]))}
+    return out
 
 
 def _missing(results: dict[str, Any]) -> list[str]:
