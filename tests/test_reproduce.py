@@ -165,3 +165,21 @@ def test_demo_tiny(tmp_path):
     md = open(tmp_path / "report.md").read()
     assert "NLL(h)" in md and "W2" in md
     assert res["gauss1d"] is None
+
+
+def test_config_gaining_fields_is_accepted(tiny_run, tmp_path):
+    """A run started before a field was added to ReproduceConfig resumes (new fields only
+    control new stages); finished stages are not recomputed."""
+    import shutil
+
+    out, res, _ = tiny_run
+    copy = tmp_path / "older"
+    shutil.copytree(out, copy)
+    cpath = copy / "config.json"
+    cfg = json.loads(cpath.read_text())
+    for k in ("fp_fine_models", "fp_fine_grid", "fp_fine_levels"):
+        del cfg["config"][k]
+    cpath.write_text(json.dumps(cfg))
+    res2 = run_reproduce(copy, config=ReproduceConfig.tiny())
+    assert all(v["cached"] for v in res2["stage_log_this_call"].values())
+    assert json.loads(cpath.read_text())["added_fields"] == ["fp_fine_grid", "fp_fine_levels", "fp_fine_models"]

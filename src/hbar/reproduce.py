@@ -117,6 +117,9 @@ class ReproduceConfig:
     fp_box: float = 4.5                      # half-width of the FP box (prior mass outside ~1e-5)
     fp_max_cells: int = 160 * 160
     fp_max_levels: int = 3
+    fp_fine_models: tuple[str, ...] = ("swiss_roll-simple", "swiss_roll-cosine")   # second, finer FP stage
+    fp_fine_grid: int = 80                   # coarsest cells per axis of the fine stage (then x2, x4)
+    fp_fine_levels: int = 3
     w2_h_small: tuple[float, ...] = tuple(float(v) for v in np.round(np.linspace(0.0, 0.2, 10), 6))
     w2_trials: int = 2
     w2_h_wide: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -142,7 +145,8 @@ class ReproduceConfig:
             name="quick", g1_n_points=300, g1_n_samples=1000, g1_trials=2, g1_steps=500, g1_path_paths=128,
             g1_path_steps=100, g1_fp_tol=1e-3, epochs=1500, n_test=300, n_c2=20, n_fd=5,
             fd_tols=((1e-3, 1e-5),), fp_h=(0.1, 0.2, 0.5, 1.0), fp_points=300, fp_max_cells=64 * 64,
-            fp_max_levels=3, w2_h_small=(0.0, 0.05, 0.1, 0.15, 0.2), w2_trials=1, w2_h_wide=(0.0, 0.5, 1.0),
+            fp_max_levels=3, fp_fine_models=(), w2_h_small=(0.0, 0.05, 0.1, 0.15, 0.2), w2_trials=1,
+            w2_h_wide=(0.0, 0.5, 1.0),
             w2_n=1000, w2_steps=500,
         )
         base.update(kw)
@@ -157,7 +161,8 @@ class ReproduceConfig:
             g1_trials=1, g1_steps=50, g1_path_h=(1.0,), g1_path_paths=16, g1_path_steps=20, g1_fp_h=(0.5, 1.0),
             g1_fp_tol=1e-2, datasets=("swiss_roll",), schedules=("simple",), epochs=5, n_test=24, nll_tol=1e-3,
             n_c2=0, n_fd=2, fd_tols=((1e-2, 1e-3),), fp_h=(0.5, 1.0), fp_points=24, fp_tol=1e-1,
-            fp_max_cells=48 * 48, fp_max_levels=2, w2_h_small=(0.0, 0.2), w2_trials=1, w2_h_wide=(0.0, 1.0),
+            fp_max_cells=48 * 48, fp_max_levels=2, fp_fine_models=("swiss_roll-simple",), fp_fine_grid=16,
+            fp_fine_levels=2, w2_h_small=(0.0, 0.2), w2_trials=1, w2_h_wide=(0.0, 1.0),
             w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0),
         )
         base.update(kw)
@@ -170,7 +175,7 @@ class ReproduceConfig:
             name="demo-quick" if quick else "demo", demo=True, run_gauss1d=False, datasets=("swiss_roll",),
             schedules=("simple",), epochs=400 if quick else 1200, n_test=200 if quick else 300,
             n_c2=10 if quick else 30, n_fd=0, fd_tols=(), fp_h=(0.1, 0.2, 0.5, 1.0), fp_points=200 if quick else 300,
-            fp_tol=2e-2, fp_max_cells=48 * 48 if quick else 64 * 64, fp_max_levels=2 if quick else 3,
+            fp_tol=2e-2, fp_max_cells=48 * 48 if quick else 64 * 64, fp_max_levels=2 if quick else 3, fp_fine_models=(),
             w2_h_small=(0.0, 0.05, 0.1, 0.2), w2_trials=1, w2_h_wide=(0.0, 0.5, 1.0), w2_trials_wide=1,
             w2_n=500 if quick else 1000, w2_steps=300 if quick else 500, sample_plot_h=(0.0, 0.1, 0.5, 1.0),
         )
@@ -541,12 +546,18 @@ def _stage_fd(out_dir, cfg, ds, sch, seed, stages, stage, nll_arr):
     return js, arrays
 
 
-def _stage_fp(out_dir, cfg, ds, sch, seed, stages, stage, nll_arr):
+def _stage_fp(out_dir, cfg, ds, sch, seed, stages, stage, nll_arr, fine=False):
     score, schedule, _ = _load_model(out_dir, cfg, ds, sch, seed)
     idx = np.nonzero(nll_arr["valid"])[0][: cfg.fp_points]
     x = nll_arr["x"][idx]
-    kw = dict(tol=cfg.fp_tol, box=cfg.fp_box, max_cells=cfg.fp_max_cells, max_levels=cfg.fp_max_levels,
-              min_levels=min(3, cfg.fp_max_levels), warn=False)
+    if fine:
+        # fixed ladder fp_fine_grid * (1, 2, 4, ...): the finest grid the time budget allows
+        top = cfg.fp_fine_grid * 2 ** (cfg.fp_fine_levels - 1)
+        kw = dict(tol=cfg.fp_tol, box=cfg.fp_box, grid=cfg.fp_fine_grid, levels=cfg.fp_fine_levels,
+                  max_cells=top * top, warn=False)
+    else:
+        kw = dict(tol=cfg.fp_tol, box=cfg.fp_box, max_cells=cfg.fp_max_cells, max_levels=cfg.fp_max_levels,
+                  min_levels=min(3, cfg.fp_max_levels), warn=False)
     try:
         fp = fokker_planck_nll(score, schedule, x, list(cfg.fp_h), **kw)
         parts = [fp]
@@ -567,6 +578,7 @@ def _stage_fp(out_dir, cfg, ds, sch, seed, stages, stage, nll_arr):
 def _fp_json(fp, idx, nll0, nll_arr, cfg):
     c1 = nll_arr["c1"][idx]
     js = {"n": int(len(idx)), "h": fp.h, "nll": fp.nll, "error": fp.error, "stderr": fp.stderr,
+          "max_cells_used": int(max(fp.cells)) ** 2 if fp.cells else None,
           "converged": fp.converged, "observed_order": fp.observed_order, "cells": fp.cells,
           "n_steps": fp.n_steps, "level_seconds": [lv.seconds for lv in fp.levels], "flags": list(fp.flags),
           "tol": cfg.fp_tol, "max_cells": cfg.fp_max_cells, "feature_scale": fp.feature_scale,
@@ -702,7 +714,8 @@ def _collect(out_dir: str, cfg: ReproduceConfig) -> dict[str, Any]:
     names = ["gauss1d"] if cfg.run_gauss1d else []
     for ds, sc in _models(cfg):
         m = model_name(ds, sc)
-        names += [f"train/{m}", f"nll/{m}", f"c2/{m}", f"fd/{m}", f"fp/{m}", f"w2/{m}", f"w2wide/{m}"]
+        names += [f"train/{m}", f"nll/{m}", f"c2/{m}", f"fd/{m}", f"fp/{m}", f"fpfine/{m}", f"w2/{m}",
+                  f"w2wide/{m}"]
     for n in names:
         js, _ = load_stage(out_dir, n)
         if js is not None and js.get("_complete"):
@@ -719,9 +732,10 @@ def _refresh_outputs(out_dir: str, cfg: ReproduceConfig, seed: int, log: dict, t
     for ds, sc in _models(cfg):
         m = model_name(ds, sc)
         g = lambda k: stages.get(f"{k}/{m}")  # noqa: E731
+        fp_best = g("fpfine") or g("fp")
         models[m] = {"dataset": ds, "schedule": sc, "train": g("train"), "nll": g("nll"), "c2": g("c2"),
-                     "fd": g("fd"), "fp": g("fp"), "w2": g("w2"), "w2wide": g("w2wide"),
-                     "minimisers": _minimisers(g("nll"), g("c2"), g("fp"), g("w2"), g("w2wide"))}
+                     "fd": g("fd"), "fp": g("fp"), "fpfine": g("fpfine"), "w2": g("w2"), "w2wide": g("w2wide"),
+                     "minimisers": _minimisers(g("nll"), g("c2"), fp_best, g("w2"), g("w2wide"))}
     stage_seconds = {k: v.get("seconds") for k, v in stages.items()}
     results = {"kind": "demo" if cfg.demo else "reproduce", "config": cfg.to_dict(), "seed": seed,
                "complete": final, "stages_finished": sorted(stages), "stage_seconds": stage_seconds,
@@ -753,9 +767,17 @@ def _run(out_dir: str | os.PathLike, cfg: ReproduceConfig, seed: int, progress: 
     if os.path.exists(cpath):
         with open(cpath) as fh:
             have = json.load(fh)
-        if have != json.loads(json.dumps(want)):
-            raise HbarInputError(f"{out_dir} holds results of a different configuration ({cpath}); "
-                                 "use another out_dir or delete it")
+        want_js = json.loads(json.dumps(_jsonable(want)))
+        if have != want_js:
+            # forward compatibility: fields added to ReproduceConfig after a run started only
+            # control new stages; every stored field must still match
+            old, new = have.get("config", {}), want_js["config"]
+            same = have.get("seed") == seed and all(k in new and new[k] == v for k, v in old.items())
+            if not same:
+                raise HbarInputError(f"{out_dir} holds results of a different configuration ({cpath}); "
+                                     "use another out_dir or delete it")
+            want_js["added_fields"] = sorted(set(have.get("added_fields", [])) | (set(new) - set(old)))
+            _write_json(cpath, want_js)
     else:
         _write_json(cpath, want)
 
@@ -792,6 +814,11 @@ def _run(out_dir: str | os.PathLike, cfg: ReproduceConfig, seed: int, progress: 
         m = model_name(ds, sc)
         if cfg.fp_h:
             st.run(f"fp/{m}", lambda: _stage_fp(out_dir, cfg, ds, sc, seed, st, f"fp/{m}", nll_arrays[m]))
+    for ds, sc in models:
+        m = model_name(ds, sc)
+        if cfg.fp_h and m in cfg.fp_fine_models:
+            st.run(f"fpfine/{m}", lambda: _stage_fp(out_dir, cfg, ds, sc, seed, st, f"fpfine/{m}", nll_arrays[m],
+                                                    fine=True))
     for ds, sc in models:
         m = model_name(ds, sc)
         if cfg.w2_h_wide:
