@@ -101,8 +101,12 @@ def test_w2_recomputed(tiny_run):
     out, res, _ = tiny_run
     js, arr = load_stage(out, f"w2/{MODEL}")
     for i, h in enumerate(arr["h"]):
-        s = arr[f"samples_h{i}"][arr[f"valid_h{i}"]]
-        d2 = w2_empirical(s, arr["fresh0"], squared=True)
+        inb = arr[f"valid_h{i}"] & np.all(np.abs(np.nan_to_num(arr[f"samples_h{i}"], nan=np.inf)) <= js["bound"], axis=1)
+        np.testing.assert_array_equal(inb, arr[f"inbound_h{i}"])
+        d2 = w2_empirical(arr[f"samples_h{i}"][inb], arr["fresh0"], squared=True)
+        d2a = w2_empirical(arr[f"samples_h{i}"][arr[f"valid_h{i}"]], arr["fresh0"], squared=True)
+        np.testing.assert_allclose(js["w2_sq_all_trials"][i][0], d2a, rtol=1e-10)
+        assert js["n_outside_bound"][i][0] == int(arr[f"valid_h{i}"].sum() - inb.sum())
         np.testing.assert_allclose(js["w2_sq_trials"][i][0], d2, rtol=1e-10)
         np.testing.assert_allclose(js["w2_trials"][i][0], math.sqrt(d2), rtol=1e-10)
         np.testing.assert_allclose(js["w2"][i][0], np.mean(js["w2_trials"][i]), rtol=1e-12)

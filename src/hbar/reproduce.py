@@ -160,6 +160,7 @@ class ReproduceConfig:
             name="tiny", g1_eps=(-0.2, 0.2), g1_h_grid=5, g1_n_points=40, g1_h_samples=(0.0, 1.0), g1_n_samples=200,
             g1_trials=1, g1_steps=50, g1_path_h=(1.0,), g1_path_paths=16, g1_path_steps=20, g1_fp_h=(0.5, 1.0),
             g1_fp_tol=1e-2, datasets=("swiss_roll",), schedules=("simple",), epochs=5, n_test=24, nll_tol=1e-3,
+            bound=1000.0,
             n_c2=0, n_fd=2, fd_tols=((1e-2, 1e-3),), fp_h=(0.5, 1.0), fp_points=24, fp_tol=1e-1,
             fp_max_cells=48 * 48, fp_max_levels=2, fp_fine_models=("swiss_roll-simple",), fp_fine_grid=16,
             fp_fine_levels=2, w2_h_small=(0.0, 0.2), w2_trials=1, w2_h_wide=(0.0, 1.0),
@@ -186,7 +187,7 @@ class ReproduceConfig:
     def demo_tiny(cls, **kw: Any) -> ReproduceConfig:
         """The demo pipeline at test sizes (seconds); tolerances as :meth:`tiny` so that a test
         process running both reuses the compiled solvers."""
-        base = dict(name="demo-tiny", epochs=5, n_test=16, nll_tol=1e-3, n_c2=2, fp_h=(0.5, 1.0), fp_points=16,
+        base = dict(name="demo-tiny", epochs=5, n_test=16, nll_tol=1e-3, bound=1000.0, n_c2=2, fp_h=(0.5, 1.0), fp_points=16,
                     fp_tol=1e-1, fp_max_cells=48 * 48, fp_max_levels=2, w2_h_small=(0.0, 0.2), w2_h_wide=(0.0, 1.0),
                     w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0))
         base.update(kw)
@@ -618,28 +619,36 @@ def _stage_w2(out_dir, cfg, ds, sch, seed, stages, stage, hs, trials, salt):
     score, schedule, _ = _load_model(out_dir, cfg, ds, sch, seed)
     s32 = Float32Score(score)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), salt)
-    w2, w2sq, nfail, nout = [], [], [], []
+    w2, w2sq, w2all, w2sqall, nfail, nout = [], [], [], [], [], []
     first: dict[str, np.ndarray] = {}
     total = len(hs) * trials
     for ih, h in enumerate(hs):
-        rw, rw2, rf, ro = [], [], [], []
+        rw, rw2, ra, ra2, rf, ro = [], [], [], [], [], []
         for k in range(trials):
             kk = jax.random.fold_in(key, 1000 * ih + k)
             sr = sample(s32, schedule, kk, cfg.w2_n, float(h), steps=cfg.w2_steps, d=2)
-            s = sr.valid_samples
+            inb = sr.valid & np.all(np.abs(np.nan_to_num(sr.samples, nan=np.inf)) <= cfg.bound, axis=1)
             y = load_dataset(ds, cfg.w2_n, seed=seed * 1000 + 500000 + salt * 100 + k)
-            d2 = w2_empirical(s, y, squared=True)
+            # headline: the paper's exclusion rule (samples outside [-bound, bound]^2 dropped and counted)
+            d2 = w2_empirical(sr.samples[inb], y, squared=True) if inb.any() else math.nan
+            d2a = d2 if inb.sum() == sr.valid.sum() else (
+                w2_empirical(sr.valid_samples, y, squared=True) if sr.valid.any() else math.nan)
             rw2.append(d2)
-            rw.append(math.sqrt(max(d2, 0.0)))
+            rw.append(math.sqrt(max(d2, 0.0)) if math.isfinite(d2) else math.nan)
+            ra2.append(d2a)
+            ra.append(math.sqrt(max(d2a, 0.0)) if math.isfinite(d2a) else math.nan)
             rf.append(sr.n_failed)
-            ro.append(int(np.sum(np.any(np.abs(s) > cfg.bound, axis=1))))
+            ro.append(int(sr.valid.sum() - inb.sum()))
             if k == 0:
                 first[f"samples_h{ih}"] = sr.samples
                 first[f"valid_h{ih}"] = sr.valid
+                first[f"inbound_h{ih}"] = inb
                 first["fresh0"] = y
             stages.report(stage, ih * trials + k + 1, total)
         w2.append(rw)
         w2sq.append(rw2)
+        w2all.append(ra)
+        w2sqall.append(ra2)
         nfail.append(rf)
         nout.append(ro)
     fl, fl2 = [], []
@@ -651,9 +660,12 @@ def _stage_w2(out_dir, cfg, ds, sch, seed, stages, stage, hs, trials, salt):
         fl.append(math.sqrt(d2))
     w2m = [_mean_se(r) for r in w2]
     w2sqm = [_mean_se(r) for r in w2sq]
-    imin = int(np.nanargmin([m for m, _ in w2m]))
+    means = np.array([m for m, _ in w2m], float)
+    imin = int(np.nanargmin(means)) if np.isfinite(means).any() else 0
     js = {"h": list(hs), "trials": trials, "n": cfg.w2_n, "steps": cfg.w2_steps, "method": "euler",
-          "w2": w2m, "w2_sq": w2sqm, "w2_trials": w2, "w2_sq_trials": w2sq, "n_failed": nfail,
+          "bound": cfg.bound, "w2": w2m, "w2_sq": w2sqm, "w2_trials": w2, "w2_sq_trials": w2sq,
+          "w2_all": [_mean_se(r) for r in w2all], "w2_sq_all": [_mean_se(r) for r in w2sqall],
+          "w2_all_trials": w2all, "w2_sq_all_trials": w2sqall, "n_failed": nfail,
           "n_outside_bound": nout, "floor_w2": _mean_se(fl), "floor_w2_sq": _mean_se(fl2),
           "h_min_w2": float(hs[imin]), "w2_at_min": w2m[imin], "w2_at_0": w2m[0] if hs[0] == 0 else None}
     arrays = dict(first)
@@ -691,7 +703,8 @@ def _minimisers(nll_js, c2_js, fp_js, w2_js, w2w_js) -> dict[str, Any]:
     for key, js in (("small", w2_js), ("wide", w2w_js)):
         if js is not None:
             out[f"h_min_w2_{key}"] = js["h_min_w2"]
-            out[f"w2_drop_{key}"] = (js["w2"][0][0] - js["w2_at_min"][0]) if js["h"][0] == 0 else None
+            a0, amin = js["w2"][0][0], js["w2_at_min"][0]
+            out[f"w2_drop_{key}"] = (a0 - amin) if js["h"][0] == 0 and a0 is not None and amin is not None else None
     if "h_min_nll_fp" in out:
         agree_sign = (c1 < 0) == (out["h_min_nll_fp"] > 0)
         out["c1_sign_agrees_with_fp_minimiser"] = bool(agree_sign)
