@@ -401,7 +401,7 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
         L += ["The per-point C1 is heavy-tailed in both directions (sharp learned scores near t_min), so its mean "
               "is carried by a few points. Robust summaries of the same per-point values:", ""]
         L += [_table(["model", "C1 mean ± se", "C1 median", "C1 5%-trimmed mean", "C1 1% / 99% quantiles",
-                      "min / max", "NLL0 median", "C2 median", "C2 5%-trimmed mean", "max |C2|"],
+                      "min / max", "NLL0 median", "C2 median", "C2 5%-trimmed mean", "max abs(C2)"],
                      [[_name(m), _pm(r["mean_se"]), _f(r["median"], 2), _f(r["trim5"], 2),
                        f"{_f(r['q01'], 1)} / {_f(r['q99'], 1)}", f"{_f(r['min'], 1)} / {_f(r['max'], 1)}",
                        _f(r["nll0_median"]), _f(r["c2_median"], 1), _f(r["c2_trim5"], 1), _f(r["c2_maxabs"], 0)]
