@@ -285,6 +285,10 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
         L.append(f"- call finished {h['finished_at']}: {h['seconds'] / 60:.1f} min wall, recomputed "
                  f"{len(h['recomputed'])} stage(s)")
     L.append("")
+    notes = os.path.join(out_dir, "NOTES.md")
+    if os.path.exists(notes):
+        L += ["## Summary and notes on this run (written by hand after the run; all numbers below are generated)", "",
+              open(notes).read().strip(), ""]
     L += ["Conventions: NLL in nats, `a ± b` = mean ± standard error over points (the paper's ± is a "
           "standard deviation of unstated origin); h is the noise strength of the backward process "
           "dx = [f - (1+h)/2 g² s] dt + sqrt(h) g dw̄ (h = 0: probability-flow ODE, h = 1: reverse SDE); "
@@ -533,7 +537,9 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
             if "h_min_nll_fp" in mm:
                 txt.append(f"the brute-force NLL is smallest at h = {_f(mm['h_min_nll_fp'], 2)} of the grid "
                            f"{[round(h, 3) for h in mm.get('fp_grid', [])]}"
-                           + ("" if mm.get("h_min_nll_fp_converged", True) else " (that FP value is not converged)"))
+                           + ("" if mm.get("h_min_nll_fp_converged", True) else " (that FP value is not converged)")
+                           + (f"; {mm['fp_n_unconverged']} of the {len(mm.get('fp_grid', [])) - 1} FP values on this grid are "
+                              "not converged, so this argmin is only indicative" if mm.get("fp_n_unconverged") else ""))
             if "h_min_w2_small" in mm:
                 drop = mm.get("w2_drop_small")
                 txt.append(f"W2 is smallest at h = {_f(mm['h_min_w2_small'])} on [0, 0.2]"
@@ -576,10 +582,6 @@ def render_markdown(out_dir: str, results: dict[str, Any], figs: dict[str, str])
         L += ["## 6. Differences from the paper and their reasons", ""]
         L += _discussion(results)
         L.append("")
-
-    notes = os.path.join(out_dir, "NOTES.md")
-    if os.path.exists(notes):
-        L += ["## Notes on this run", "", open(notes).read().strip(), ""]
 
     # ---- stage timing
     L += ["## Stages and wall time", ""]

@@ -700,6 +700,7 @@ def _minimisers(nll_js, c2_js, fp_js, w2_js, w2w_js) -> dict[str, Any]:
             out["nll_min_fp"] = vals[i]
             out["h_min_nll_fp_converged"] = conv[i]
             out["fp_grid"] = hs
+            out["fp_n_unconverged"] = int(sum(not c for c in conv))
     for key, js in (("small", w2_js), ("wide", w2w_js)):
         if js is not None:
             out[f"h_min_w2_{key}"] = js["h_min_w2"]
