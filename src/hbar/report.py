@@ -682,8 +682,8 @@ def _discussion(results: dict[str, Any]) -> list[str]:
                      f"{tp - nl['nll0']['mean']:+.4f}")
         if tr:
             parts.append(f"the model was trained {tr['epochs']} epochs (held-out DSM loss "
-                         f"{_pm(tr['test_loss']) if tr.get('test_loss') else 'n/a'}); a different training run "
-                         "(seed, float32 round-off, length) changes NLL0 by more than its se")
+                         f"{_pm(tr['test_loss']) if tr.get('test_loss') else 'n/a'}); the variation between "
+                         "training runs (seed) was not measured and is in no error bar")
         dc = nl["c1"]["mean"] - p[2]
         parts.append(f"C1 differs by {dc:+.3f} from the paper's tol-1e-3 value (± {p[3]:.2f})")
         if fd:
