@@ -62,7 +62,7 @@ from hbar.training import TrainConfig, make_training_data, train  # noqa: E402
 from hbar.validation import HbarInputError  # noqa: E402
 
 __all__ = ["ReproduceConfig", "run_reproduce", "run_demo", "model_name", "model_train_config",
-           "load_stage", "Float32Score"]
+           "load_stage", "Float32Score", "ScaledScore"]
 
 Progress = Callable[[str, int, int], Any] | None
 
