@@ -293,7 +293,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The main job: train on the swiss roll, sample at several h, NLL(h) by WKB vs brute force."""
-    _run_study("run_demo", output, quick, seed, "summary.md")
+    _run_study("run_demo", output, quick, seed, "report.md")
 
 
 @app.command()

@@ -66,7 +66,7 @@ import numpy as np
 from jax import Array
 
 from hbar.derivatives import divergence
-from hbar.sampling import backward_drift, sample, score_dimension, simulate_path, time_grid
+from hbar.sampling import backward_drift, sample, simulate_path, time_grid
 from hbar.schedules import Schedule
 from hbar.scores import AffineScore, GaussianMixtureScore
 from hbar.validation import HbarInputError, check_h, check_points, check_positive_int

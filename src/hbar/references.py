@@ -728,8 +728,6 @@ class _StaleLUSolver:
                         options={"SymmetricMode": True})
 
     def solve(self, mat, rhs: np.ndarray, x0: np.ndarray) -> np.ndarray:
-        import scipy.sparse.linalg as spl
-
         self.n_solve += 1
         if self.mode == "reuse" and self.lu is not None:
             xs, its = _gmres_right(mat, rhs, x0, self.lu.solve, self.rtol, self.max_iter)

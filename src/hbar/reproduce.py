@@ -35,7 +35,6 @@ import datetime
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +48,7 @@ jax.config.update("jax_enable_x64", True)
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from hbar.serialization import atomic_write, to_jsonable
 from hbar.data import dataset_entropy, gaussian as gaussian_data, load_dataset  # noqa: E402
 from hbar.likelihood import nll as hbar_nll  # noqa: E402
 from hbar.metrics import w2_empirical  # noqa: E402
@@ -194,7 +194,7 @@ class ReproduceConfig:
         return cls.demo_config(quick=True, **base)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return to_jsonable(dataclasses.asdict(self))
 
 
 def model_name(dataset: str, schedule: str) -> str:
@@ -237,42 +237,8 @@ class Float32Score(eqx.Module):
 # stage cache
 # ======================================================================================
 
-def _jsonable(v: Any) -> Any:
-    """JSON-safe copy: numpy -> lists/floats, NaN/inf -> None, tuples -> lists."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, (np.bool_, bool)):
-        return bool(v)
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    return v
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: str, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n").encode())
+    atomic_write(path, (json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n").encode())
 
 
 def _stage_file(out_dir: str, stage: str, ext: str) -> str:
@@ -329,7 +295,7 @@ class _Stages:
             os.replace(tmp, buf)
         # the JSON marks completion, so it is written last
         _write_json(_stage_file(self.out_dir, stage, ".json"), js)
-        js = json.loads(json.dumps(_jsonable(js)))
+        js = json.loads(json.dumps(to_jsonable(js)))
         self.log[stage] = {"seconds": js["seconds"], "cached": False, "finished_at": js["finished_at"]}
         self.report(stage, 1, 1)
         if self.on_done is not None:
@@ -781,7 +747,7 @@ def _run(out_dir: str | os.PathLike, cfg: ReproduceConfig, seed: int, progress: 
     if os.path.exists(cpath):
         with open(cpath) as fh:
             have = json.load(fh)
-        want_js = json.loads(json.dumps(_jsonable(want)))
+        want_js = json.loads(json.dumps(to_jsonable(want)))
         if have != want_js:
             # forward compatibility: fields added to ReproduceConfig after a run started only
             # control new stages; every stored field must still match
@@ -795,13 +761,10 @@ def _run(out_dir: str | os.PathLike, cfg: ReproduceConfig, seed: int, progress: 
     else:
         _write_json(cpath, want)
 
-    log: dict[str, Any] = {}
-
     def refresh(final: bool = False) -> dict[str, Any]:
         return _refresh_outputs(out_dir, cfg, seed, st.log, t_start, final)
 
     st = _Stages(out_dir, progress, on_done=lambda: refresh(False))
-    log = st.log
     models = _models(cfg)
     if cfg.run_gauss1d:
         st.run("gauss1d", lambda: _stage_gauss1d(cfg, seed, st))

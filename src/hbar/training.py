@@ -45,7 +45,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -57,6 +56,7 @@ import numpy as np
 import optax
 from jax import Array, lax
 
+from hbar.serialization import atomic_write, to_jsonable
 from hbar.data import DATASETS, canonical_name, load_dataset, load_points
 from hbar.networks import network_from_config, validate_network_config
 from hbar.schedules import Schedule, schedule_from_config
@@ -210,21 +210,6 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def _jsonable(v: Any) -> Any:
-    """Deep-convert NumPy scalars/arrays and tuples to JSON types."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (JSON / TOML serialisable).
@@ -309,7 +294,7 @@ class TrainConfig:
                 )
         elif self.dataset_kwargs:
             raise HbarInputError("config field 'dataset_kwargs' is only used with 'dataset'")
-        set_("dataset_kwargs", _jsonable(dict(self.dataset_kwargs)))
+        set_("dataset_kwargs", to_jsonable(dict(self.dataset_kwargs)))
         need_int("n_train", 1, optional=self.data_path is not None)
         need_int("n_test", 0)
         need_int("data_seed", 0, optional=True)
@@ -321,7 +306,7 @@ class TrainConfig:
             sched = schedule_from_config(sch)
         except HbarInputError as err:
             raise HbarInputError(f"config field 'schedule': {err}") from None
-        set_("schedule", _jsonable(sched.to_config()))
+        set_("schedule", to_jsonable(sched.to_config()))
         # network
         try:
             set_("network", validate_network_config(self.network))
@@ -389,7 +374,7 @@ class TrainConfig:
     # ---- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field (inverse: :meth:`from_dict`)."""
-        return _jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return to_jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
     def from_dict(cls, d: Any) -> TrainConfig:
@@ -424,7 +409,7 @@ class TrainConfig:
             text = self.to_toml()
         else:
             raise HbarInputError(f"config file must end in .json or .toml, got {p}")
-        _atomic_write(p, text.encode("utf-8"))
+        atomic_write(p, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:
@@ -566,33 +551,6 @@ def _next_boundary(epoch: int, chunk: int, every: int, total: int) -> int:
 # files
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write bytes to ``path`` via a temp file in the same directory + fsync + os.replace."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - platform dependent
-        pass
-
-
 def _losses_csv(losses: np.ndarray, spe: int) -> bytes:
     lines = ["epoch,step,loss"]
     lines += [f"{i + 1},{(i + 1) * spe},{v:.9g}" for i, v in enumerate(losses)]
@@ -630,7 +588,7 @@ def _save_checkpoint(run_dir: str, cfg: TrainConfig, tree: dict, extra: dict) ->
         **extra,
     }
     blob = json.dumps(header, sort_keys=True).encode() + b"\n" + payload
-    _atomic_write(os.path.join(run_dir, CHECKPOINT_FILE), blob)
+    atomic_write(os.path.join(run_dir, CHECKPOINT_FILE), blob)
 
 
 def _read_checkpoint_header(path: str) -> tuple[dict, bytes]:
@@ -808,7 +766,7 @@ def train(
         losses = np.asarray(tree["losses"])[:epoch]
     if rd is not None:
         os.makedirs(rd, exist_ok=True)
-        _atomic_write(os.path.join(rd, CONFIG_FILE), (cfg.to_json() + "\n").encode())
+        atomic_write(os.path.join(rd, CONFIG_FILE), (cfg.to_json() + "\n").encode())
 
     dt = jnp.dtype(params.layers[0].weight.dtype) if hasattr(params, "layers") else jnp.float32
     data = jnp.asarray(x_train, dtype=dt)
@@ -826,7 +784,7 @@ def train(
         all_losses = np.concatenate(hist)[:epoch_]
         tree_ = _payload_tree(*state_, epoch_, epoch_ * spe, train_key, all_losses)
         _save_checkpoint(rd, cfg, tree_, {"data_hash": data_hash, "steps_per_epoch": spe})
-        _atomic_write(os.path.join(rd, LOSSES_FILE), _losses_csv(all_losses, spe))
+        atomic_write(os.path.join(rd, LOSSES_FILE), _losses_csv(all_losses, spe))
         saved_epoch = epoch_
 
     try:
