@@ -21,6 +21,8 @@ JSON-serialisable dict, which checkpoints store to rebuild the model before load
 
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Any, ClassVar
 
@@ -113,8 +115,9 @@ class _MLPBase(eqx.Module):
     accepts_time_vector: ClassVar[bool] = True
     kind: ClassVar[str] = "base"
 
-    def _features(self, x: Array, tcol: Array) -> Array:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _features(self, x: Array, tcol: Array) -> Array:
+        """The input features of the first layer from x (n, d) and the time column (n, 1)."""
 
     def __call__(self, x: Array, t: Array | float) -> Array:
         """Model score s(x, t): x (n, d), t scalar or (n,) -> (n, d)."""
