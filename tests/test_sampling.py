@@ -121,3 +121,9 @@ def test_bad_inputs(mixture):
         sample(sc, s, key, 10, 0.5, x_T=np.zeros((3, 2)))
     with pytest.raises(hbar.HbarInputError, match="dimension"):
         sample(lambda x, t: -x, s, key, 10, 0.5)
+    from hbar.sampling import time_grid
+
+    with pytest.raises(hbar.HbarInputError, match="outside the schedule"):
+        time_grid(s, 10, t_start=1.5)
+    with pytest.raises(hbar.HbarInputError, match="t_start != t_end"):
+        time_grid(s, 10, t_start=0.5, t_end=0.5)

@@ -53,10 +53,14 @@ def backward_drift(score: Callable, schedule: Schedule, h: float | Array) -> Cal
 
 def time_grid(schedule: Schedule, steps: int, t_start: float | None = None, t_end: float | None = None,
               dtype=None) -> Array:
-    """Uniform decreasing grid t_0 = t_start > ... > t_steps = t_end, shape (steps + 1,).
-    Defaults: t_start = T, t_end = t_min."""
+    """Uniform grid t_0 = t_start, ..., t_steps = t_end, shape (steps + 1,); decreasing by
+    default (t_start = T, t_end = t_min), as the backward processes run. Both ends must lie
+    in [t_min, T]."""
     t_start = schedule.T if t_start is None else t_start
     t_end = schedule.t_min if t_end is None else t_end
+    schedule.check_time([t_start, t_end], "time grid end")
+    if t_start == t_end:
+        raise HbarInputError(f"a time grid needs t_start != t_end, got {t_start} twice")
     return jnp.linspace(t_start, t_end, steps + 1, dtype=dtype or jnp.result_type(float))
 
 
