@@ -41,7 +41,8 @@ def test_train_sample_nll_roundtrip(run_dir):
     np.testing.assert_allclose(got["c1"], ref.c1, rtol=1e-10)
     res = runner.invoke(app, ["path-nll", str(run_dir / "run"), str(run_dir / "x.npy"), "--h", "0.5",
                               "--paths", "16", "--steps", "10", "--n", "3"])
-    assert res.exit_code == 0, res.output and "ESS" in res.output
+    assert res.exit_code == 0, res.output
+    assert "ESS" in res.output
 
 
 def test_clear_errors(run_dir, tmp_path):
