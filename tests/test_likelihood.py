@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 import hbar
+from _cases import gaussian_case
 from hbar.likelihood import bits_per_dim, nll
 from hbar.ode import ODEOptions
 from hbar.references import gaussian_oracle
-
-from _cases import gaussian_case
 
 TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
 

@@ -7,10 +7,9 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
-
-import jax
 
 jax.config.update("jax_enable_x64", True)
 

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 import hbar
+from _cases import gaussian_case
 from hbar.likelihood import nll
 from hbar.ode import ODEOptions
 from hbar.references import gaussian_oracle
 from hbar.wkb import poly_grad, poly_laplacian
-
-from _cases import gaussian_case
 
 TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
 

@@ -5,6 +5,8 @@ The h-family of backward processes dx = [f - (1+h)/2 g^2 s] dt + sqrt(h) g dw_ba
 exact likelihoods, WKB corrections in h, brute-force and closed-form references.
 """
 
+from hbar import data, metrics, networks, path, references, training  # noqa: E402  (submodules)
+from hbar import references as reference  # noqa: E402  (alias: hbar.reference.fokker_planck_nll)
 from hbar.likelihood import LikelihoodResult, bits_per_dim, nll
 from hbar.ode import ODEOptions
 from hbar.sampling import SampleResult, sample
@@ -20,9 +22,6 @@ from hbar.schedules import (
 )
 from hbar.scores import AffineScore, GaussianMixtureScore, PerturbedScore, gaussian_score
 from hbar.validation import HbarInputError
-
-from hbar import data, metrics, networks, path, references, training  # noqa: E402  (submodules)
-from hbar import references as reference  # noqa: E402  (alias: hbar.reference.fokker_planck_nll)
 
 __version__ = "0.1.0"
 

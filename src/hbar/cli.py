@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -80,7 +80,7 @@ def _fmt(ms: tuple[float, float] | None) -> str:
     return "-" if ms is None else f"{ms[0]:.4f} ± {ms[1]:.4f}"
 
 
-def _load_model_and_data(run_dir: Path, data: Path, n: Optional[int]):
+def _load_model_and_data(run_dir: Path, data: Path, n: int | None):
     from hbar.data import load_points
     from hbar.training import check_dimension, load_checkpoint
 
@@ -94,17 +94,17 @@ def _load_model_and_data(run_dir: Path, data: Path, n: Optional[int]):
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option(help="TrainConfig as .json or .toml")] = None,
+    config: Annotated[Path | None, typer.Option(help="TrainConfig as .json or .toml")] = None,
     run_dir: Annotated[Path, typer.Option(help="where config, checkpoints and losses go")] = Path("runs/train"),
-    dataset: Annotated[Optional[str], typer.Option(help="data set name (see `hbar datasets`)")] = None,
-    data_path: Annotated[Optional[Path], typer.Option(help="user data (.npy or .csv) instead of a data set")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="simple | cosine | vp-linear | ve | ou")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="override the number of epochs")] = None,
+    dataset: Annotated[str | None, typer.Option(help="data set name (see `hbar datasets`)")] = None,
+    data_path: Annotated[Path | None, typer.Option(help="user data (.npy or .csv) instead of a data set")] = None,
+    schedule: Annotated[str | None, typer.Option(help="simple | cosine | vp-linear | ve | ou")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override the number of epochs")] = None,
     paper: Annotated[bool, typer.Option(help="the paper's setting: 3000 points, batch 512, lr 1e-3, 16000 epochs")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in run-dir")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in run-dir")] = False,
     kl_h: Annotated[str, typer.Option(help="h values for the path-KL bound report")] = "0.25,1,2",
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Train a score network by denoising score matching (g^2 weighting by default)."""
     _setup()
@@ -170,7 +170,7 @@ def sample(
     steps: Annotated[int, typer.Option(help="fixed steps (euler / heun)")] = 1000,
     method: Annotated[str, typer.Option(help="euler | heun | adaptive (h = 0 only)")] = "euler",
     seed: Annotated[int, typer.Option()] = 0,
-    bound: Annotated[Optional[float], typer.Option(help="count trajectories leaving [-bound, bound]^d as failed")] = None,
+    bound: Annotated[float | None, typer.Option(help="count trajectories leaving [-bound, bound]^d as failed")] = None,
     output: Annotated[Path, typer.Option("--out", help="output .npy (samples) ")] = Path("samples.npy"),
 ) -> None:
     """Sample a trained model with the h-family sampler."""
@@ -199,10 +199,10 @@ def nll(
     method: Annotated[str, typer.Option(help="characteristics | finite-difference (paper's baseline)")] = "characteristics",
     rtol: Annotated[float, typer.Option()] = 1e-5,
     atol: Annotated[float, typer.Option()] = 1e-5,
-    bound: Annotated[Optional[float], typer.Option(help="fail trajectories leaving [-bound, bound]^d")] = None,
-    n: Annotated[Optional[int], typer.Option(help="use only the first n points")] = None,
+    bound: Annotated[float | None, typer.Option(help="fail trajectories leaving [-bound, bound]^d")] = None,
+    n: Annotated[int | None, typer.Option(help="use only the first n points")] = None,
     h: Annotated[str, typer.Option(help="h values at which to print the WKB expansion")] = "0.05,0.1,0.2",
-    output: Annotated[Optional[Path], typer.Option("--out", help="write per-point results as JSON")] = None,
+    output: Annotated[Path | None, typer.Option("--out", help="write per-point results as JSON")] = None,
 ) -> None:
     """NLL at h = 0 and the WKB coefficients C1, C2 (exact, by characteristics)."""
     _setup()
@@ -248,7 +248,7 @@ def path_nll_cmd(
     h: Annotated[str, typer.Option(help="h values > 0")] = "0.1,0.5,1",
     paths: Annotated[int, typer.Option(help="importance-sampled paths per point")] = 256,
     steps: Annotated[int, typer.Option(help="Euler steps of the discretised model")] = 100,
-    n: Annotated[Optional[int], typer.Option(help="use only the first n points")] = None,
+    n: Annotated[int | None, typer.Option(help="use only the first n points")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Path-integral Monte Carlo NLL of the time-discretised h-model (any h > 0, any d)."""

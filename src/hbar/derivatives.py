@@ -112,7 +112,7 @@ def _multi_indices(d: int, k: int) -> list[tuple[int, ...]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _polarization_plan(d: int, m: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Directions and reconstruction matrices for derivative tensors up to order m.
 

@@ -22,7 +22,6 @@ JSON-serialisable dict, which checkpoints store to rebuild the model before load
 from __future__ import annotations
 
 import abc
-
 import math
 from typing import Any, ClassVar
 

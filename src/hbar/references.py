@@ -184,10 +184,9 @@ def _rhs_functions(score: Any, schedule: Schedule) -> tuple[Callable, Callable]:
 
 def _solve_moments(score, schedule, hs, ts, rtol, atol, method, d):
     """Integrate the moment + sensitivity ODEs for all h from T down to ts (decreasing)."""
+    import jax
     import jax.numpy as jnp
     from scipy.integrate import solve_ivp
-
-    import jax
 
     if not jax.config.jax_enable_x64:
         warnings.warn(

@@ -39,17 +39,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import jax
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from hbar.serialization import atomic_write, to_jsonable
-from hbar.data import dataset_entropy, gaussian as gaussian_data, load_dataset  # noqa: E402
+from hbar.data import dataset_entropy, load_dataset  # noqa: E402
+from hbar.data import gaussian as gaussian_data
 from hbar.likelihood import nll as hbar_nll  # noqa: E402
 from hbar.metrics import w2_empirical  # noqa: E402
 from hbar.ode import ODEOptions  # noqa: E402
@@ -58,6 +57,7 @@ from hbar.references import fokker_planck_nll, gaussian_oracle  # noqa: E402
 from hbar.sampling import sample  # noqa: E402
 from hbar.schedules import OUSchedule  # noqa: E402
 from hbar.scores import gaussian_score  # noqa: E402
+from hbar.serialization import atomic_write, to_jsonable
 from hbar.training import TrainConfig, make_training_data, train  # noqa: E402
 from hbar.validation import HbarInputError  # noqa: E402
 
@@ -285,7 +285,7 @@ class _Stages:
         js, arr = fn()
         js = dict(js)
         js["seconds"] = time.perf_counter() - t0
-        js["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        js["finished_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         js["_complete"] = True
         if arr:
             buf = _stage_file(self.out_dir, stage, ".npz")
@@ -722,7 +722,7 @@ def _refresh_outputs(out_dir: str, cfg: ReproduceConfig, seed: int, log: dict, t
                "stage_log_this_call": log, "wall_seconds_this_call": time.perf_counter() - t_start,
                "total_stage_seconds": float(sum(v for v in stage_seconds.values() if v)),
                "gauss1d": stages.get("gauss1d"), "models": models,
-               "updated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+               "updated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     prev = os.path.join(out_dir, "results.json")
     if os.path.exists(prev):
         try:

@@ -56,10 +56,10 @@ import numpy as np
 import optax
 from jax import Array, lax
 
-from hbar.serialization import atomic_write, to_jsonable
 from hbar.data import DATASETS, canonical_name, load_dataset, load_points
 from hbar.networks import network_from_config, validate_network_config
 from hbar.schedules import Schedule, schedule_from_config
+from hbar.serialization import atomic_write, to_jsonable
 from hbar.validation import HbarInputError, check_points
 
 __all__ = [
