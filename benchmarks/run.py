@@ -28,6 +28,7 @@ import hbar  # noqa: E402
 from hbar.likelihood import nll  # noqa: E402
 from hbar.ode import ODEOptions  # noqa: E402
 from hbar.sampling import sample  # noqa: E402
+from hbar.series import polynomial_coefficients  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -65,16 +66,10 @@ def bench_orders(score, schedule, x, options) -> dict:
 
 
 def fp_slope(score, schedule, x, hs, nll0_mean, deg=4):
-    """Slope of the brute-force NLL(h) at h -> 0: a degree-``deg`` polynomial through
-    (0, NLL0 exact) and the Fokker–Planck values at ``hs`` (theory.md section 8)."""
-    from hbar.references import fokker_planck_nll
-
-    fp = fokker_planck_nll(score, schedule, x, hs, tol=1e-4, warn=False)
-    vals = np.asarray(fp.nll, dtype=float)
-    H = np.asarray(hs, dtype=float)
-    A = np.stack([H**k for k in range(1, deg + 1)], axis=1)
-    coef, *_ = np.linalg.lstsq(A, vals - nll0_mean, rcond=None)
-    return float(coef[0]), fp
+    """Slope of the brute-force NLL(h) at h -> 0 (hbar.series.polynomial_coefficients through the
+    exact NLL0 and the Fokker–Planck values at ``hs``; docs/theory.md section 8)."""
+    fp = hbar.references.fokker_planck_nll(score, schedule, x, hs, tol=1e-4, warn=False)
+    return float(polynomial_coefficients(hs, fp.nll, nll0_mean, deg)[0]), fp
 
 
 def main() -> None:

@@ -76,9 +76,14 @@ def test_eight_gaussians_radius_and_spec_feeds_exact_score():
     assert abs(np.median(r) - 2.0) < 0.02
     w, mu, cv = mixture_spec("8gaussians")
     score = GaussianMixtureScore(w, mu, cv, SimpleSchedule())
-    # the exact score at small t points towards the nearest centre
-    s = np.asarray(score(x[:5] + 0.05, 0.01))
-    assert s.shape == (5, 2) and np.all(np.isfinite(s))
+    # the exact score at small t points towards the nearest centre: from centre + offset it is
+    # -offset / (std^2 alpha^2 + sigma^2) up to the other components' (negligible) pull
+    offset = np.array([0.05, -0.03])
+    pts = np.asarray(mu) + offset
+    s = np.asarray(score(pts, 0.01))
+    assert s.shape == (8, 2)
+    cos = np.sum(s * -offset, axis=1) / (np.linalg.norm(s, axis=1) * np.linalg.norm(offset))
+    assert np.all(cos > 0.999), cos
     lp = mixture_logpdf(x, w, mu, cv)
     np.testing.assert_allclose(lp, np.asarray(score.log_density(x, 0.0)), rtol=1e-10, atol=1e-10)
 

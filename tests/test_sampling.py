@@ -7,7 +7,8 @@ import pytest
 
 import hbar
 from hbar.metrics import w2_empirical
-from hbar.sampling import backward_drift, sample
+from hbar.process import HProcess
+from hbar.sampling import sample
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,8 @@ def mixture():
     return s, sc
 
 
-@pytest.mark.parametrize("h", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("h", [0.0, pytest.param(0.5, marks=pytest.mark.slow), 1.0,
+                               pytest.param(2.0, marks=pytest.mark.slow)])
 def test_exact_score_samples_match_data_for_every_h(mixture, h):
     s, sc = mixture
     n = 4500
@@ -89,8 +91,7 @@ def test_direction_runs_from_T_to_tmin():
     res = sample(score, s, jax.random.PRNGKey(0), 3, 0.0, steps=20000, x_T=xT)
     expect = 0.5 * c * (float(s.sigma2(s.T)) - float(s.sigma2(s.t_min)))
     np.testing.assert_allclose(res.samples, expect, rtol=1e-3)
-    u = backward_drift(score, s, 1.0)
-    assert float(u(xT, 0.5)[0, 0]) == pytest.approx(-float(s.g2(0.5)) * c)
+    assert float(HProcess(s, score).drift(xT, 0.5, 1.0)[0, 0]) == pytest.approx(-float(s.g2(0.5)) * c)
 
 
 def test_blowups_are_counted_not_dropped():

@@ -8,21 +8,24 @@ import pytest
 
 import hbar
 from _cases import gaussian_case
+from hbar import wkb
+from hbar.derivatives import divergence
 from hbar.likelihood import nll
 from hbar.ode import ODEOptions
 from hbar.references import gaussian_oracle
+from hbar.series import polynomial_coefficients
 from hbar.wkb import poly_grad, poly_laplacian
 
 TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("d", [1, 3, 16, 64])
+@pytest.mark.parametrize("d", [1, 3, 16, pytest.param(64, marks=pytest.mark.slow)])
 def test_c1_matches_closed_form(d):
+    """C1 per point against the oracle (NLL0 on the same cases: test_likelihood)."""
     s, score, m0, S0, x = gaussian_case(d, eps=0.15)
     x = x[:2] if d == 64 else x
     res = nll(score, s, x, order=1, options=TIGHT)
     ref = gaussian_oracle(score, s, m0, S0, 0.0, x=x)
-    np.testing.assert_allclose(res.nll0, ref.nll_points[0], rtol=1e-6)
     np.testing.assert_allclose(res.c1, ref.c1_points[0], rtol=1e-6)
     assert abs(ref.c1[0]) > 1e-2  # the wrong score makes NLL depend on h
 
@@ -75,6 +78,32 @@ def test_backward_solve_returns_to_the_data_and_reproduces_ell0():
     assert res.extras["ell0_backward_diff_max"] < 1e-7
 
 
+def test_order2_local_score_uses_jets_in_2d_and_matches_the_score(monkeypatch):
+    """The production order-2 path in 2-D replaces the score by its degree-5 Taylor polynomial
+    from jets with polarization (wkb.local_score), and its divergence by a degree-4 one. Against
+    the network itself (nonlinear, not affine) the errors must then shrink like |Y|^6 and |Y|^5:
+    halving Y divides them by 64 and 32 (a wrong tensor of any order k <= 5 would give 2^k)."""
+    net = hbar.networks.PaperMLP(2, width=8, depth=2, key=3, dtype="float64")
+    X = jax.random.normal(jax.random.PRNGKey(5), (3, 2), dtype=jnp.float64)
+    U = jax.random.normal(jax.random.PRNGKey(6), (3, 2), dtype=jnp.float64)
+    t = jnp.asarray(0.4)
+    calls = []
+    real = wkb.jet_tensors
+    monkeypatch.setattr(wkb, "jet_tensors", lambda *a: calls.append(a[2]) or real(*a))
+    S = wkb.local_score(net, X, t, m=2 * 2 + 1)
+    assert calls == [5]  # the jet path was taken, not the nested-jvp fallback
+
+    def errors(eps):
+        val, div = S(eps * U)
+        ref_val, ref_div = divergence(lambda z: net(z, t), X + eps * U)
+        return float(jnp.max(jnp.abs(val - ref_val))), float(jnp.max(jnp.abs(div - ref_div)))
+
+    (v1, d1), (v2, d2) = errors(0.4), errors(0.2)
+    assert 1e-12 < v2 < 1e-3 and 1e-12 < d2 < 1e-2
+    assert 40 < v1 / v2 < 100, (v1, v2)
+    assert 20 < d1 / d2 < 50, (d1, d2)
+
+
 def test_polynomial_helpers():
     rng = np.random.default_rng(0)
     n, d = 3, 2
@@ -96,16 +125,12 @@ def test_polynomial_helpers():
 
 
 def _fp_polynomial(score, schedule, x, nll0, hs, deg, **fp_kwargs):
-    """Coefficients [slope, curvature, ...] of a degree-``deg`` polynomial through the exact
-    NLL0 at h = 0 and the Fokker–Planck NLL(h) at ``hs`` (theory.md section 8: resolve
-    h -> 0 by extrapolation from several h, anchored at the exact h = 0 value)."""
+    """Coefficients [slope, curvature, ...] of the polynomial through the exact NLL0 at h = 0 and
+    the Fokker–Planck NLL(h) at ``hs`` (docs/theory.md section 8)."""
     from hbar.references import fokker_planck_nll
 
     fp = fokker_planck_nll(score, schedule, x, hs, warn=False, **fp_kwargs)
-    H = np.asarray(hs)
-    A = np.stack([H**k for k in range(1, deg + 1)], axis=1)
-    coef = np.linalg.lstsq(A, np.asarray(fp.nll) - nll0, rcond=None)[0]
-    return coef, fp
+    return polynomial_coefficients(hs, fp.nll, nll0, deg), fp
 
 
 def test_c1_c2_match_fokker_planck_slope_and_curvature_1d():
@@ -156,3 +181,63 @@ def test_exact_score_fokker_planck_is_flat_in_h_2d():
     w = nll(base, s, x, order=1, options=ODEOptions(rtol=1e-8, atol=1e-8))
     assert abs(w.c1_mean[0]) < 1e-5
     assert w.nll0_mean[0] == pytest.approx(fp.nll[0], abs=2 * max(fp.error) + 1e-4)
+
+
+
+# --- error control, batching and counters (the exact method's performance options) ---------
+
+def _mixture_case(n=6):
+    s = hbar.SimpleSchedule()
+    base = hbar.GaussianMixtureScore([0.5, 0.5], [[-0.6, 0.0], [0.6, 0.2]], [0.25, 0.3], s)
+    score = hbar.PerturbedScore(base, eps=0.05)
+    return s, score, np.asarray(base.sample_data(jax.random.PRNGKey(0), n))
+
+
+def test_error_control_on_returned_components_meets_the_tolerance():
+    """Controlling the step size on X, psi0, psi1, psi2 only (default) instead of every Taylor
+    tensor: C1 and C2 per point stay within the tolerance's error of a tight run (as close as
+    with error_on='all'), with fewer backward evaluations."""
+    s, score, x = _mixture_case()
+    tight = nll(score, s, x, order=2, options=ODEOptions(rtol=1e-10, atol=1e-10, error_on="all"))
+    tol = 1e-6
+    ret = nll(score, s, x, order=2, options=ODEOptions(rtol=tol, atol=tol))
+    full = nll(score, s, x, order=2, options=ODEOptions(rtol=tol, atol=tol, error_on="all"))
+    assert ret.evals_backward < full.evals_backward
+    for got, ref in ((ret.c1, tight.c1), (ret.c2, tight.c2), (ret.nll0, tight.nll0)):
+        err = np.max(np.abs(got - ref) / (1 + np.abs(ref)))
+        assert err < 50 * tol, err
+    err_ret = np.max(np.abs(ret.c2 - tight.c2))
+    err_full = np.max(np.abs(full.c2 - tight.c2))
+    assert err_ret < 10 * err_full + 10 * tol
+
+
+def test_per_point_and_batched_step_control_agree():
+    s, score, x = _mixture_case()
+    opts = ODEOptions(rtol=1e-7, atol=1e-7)
+    a = nll(score, s, x, order=1, options=opts, batching="per-point")
+    b = nll(score, s, x, order=1, options=opts, batching="batch")
+    np.testing.assert_allclose(a.c1, b.c1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.nll0, b.nll0, rtol=1e-6, atol=1e-6)
+    per = a.extras["evals_backward_per_point"]
+    assert per.shape == (len(x),) and a.evals_backward == per.max()  # one vmapped chunk
+    assert np.all(b.extras["evals_backward_per_point"] == b.evals_backward)
+    assert per.max() <= b.evals_backward  # each point's own control never needs more than the batch's
+
+
+@pytest.mark.parametrize("batching", ["batch", "per-point"])
+def test_evaluation_counters_are_totals(batching):
+    """Two identical batches execute twice the evaluations of one (totals, not maxima)."""
+    s, score, x = _mixture_case(4)
+    opts = ODEOptions(rtol=1e-6, atol=1e-6)
+    one = nll(score, s, x, order=1, options=opts, batching=batching, batch_size=4)
+    two = nll(score, s, np.concatenate([x, x]), order=1, options=opts, batching=batching, batch_size=4)
+    assert two.evals_forward == 2 * one.evals_forward > 0
+    assert two.evals_backward == 2 * one.evals_backward > 0
+    np.testing.assert_array_equal(two.extras["evals_backward_per_point"],
+                                  np.tile(one.extras["evals_backward_per_point"], 2))
+
+
+def test_bad_batching_is_rejected():
+    s, score, x = _mixture_case(2)
+    with pytest.raises(hbar.HbarInputError):
+        nll(score, s, x, order=1, batching="sorted")

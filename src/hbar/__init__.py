@@ -6,9 +6,9 @@ exact likelihoods, WKB corrections in h, brute-force and closed-form references.
 """
 
 from hbar import data, metrics, networks, path, references, training  # noqa: E402  (submodules)
-from hbar import references as reference  # noqa: E402  (alias: hbar.reference.fokker_planck_nll)
 from hbar.likelihood import LikelihoodResult, bits_per_dim, nll
 from hbar.ode import ODEOptions
+from hbar.process import HProcess
 from hbar.sampling import SampleResult, sample
 from hbar.schedules import (
     CosineSchedule,
@@ -26,16 +26,17 @@ from hbar.validation import HbarInputError
 __version__ = "0.1.0"
 
 __all__ = [
-    "sample", "SampleResult", "nll", "LikelihoodResult", "bits_per_dim", "ODEOptions",
+    "HProcess", "sample", "SampleResult", "nll", "LikelihoodResult", "bits_per_dim", "ODEOptions",
     "Schedule", "SimpleSchedule", "CosineSchedule", "VPLinearSchedule", "VESchedule", "OUSchedule",
     "LinearSchedule", "schedule_from_config", "AffineScore", "GaussianMixtureScore", "PerturbedScore",
     "gaussian_score", "HbarInputError", "enable_x64", "data", "metrics", "networks", "path",
-    "references", "reference", "training",
+    "references", "training",
 ]
 
 
 def enable_x64() -> None:
-    """Switch JAX to float64 (call before creating arrays; likelihoods want it)."""
+    """Switch JAX to float64 for the whole process (the caller's choice: importing hbar never does
+    it, and likelihoods are computed in float64 whatever this setting, see hbar.precision)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)

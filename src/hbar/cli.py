@@ -1,7 +1,9 @@
 """The ``hbar`` command line: train, sample, nll, path-nll, demo, reproduce, datasets.
 
-Every command runs in float64 (likelihoods need it); bad input ends with a one-line
-message naming the problem and exit code 2, never with a traceback or a silent number.
+Every command runs in float64 (likelihoods need it; switched on for the command only, with
+``jax.enable_x64``); bad input ends with a one-line message naming the problem and exit code 2,
+never with a traceback or a silent number. ``demo`` and ``reproduce`` load the study package
+:mod:`hbar.studies.paper2024` (docs/theory.md section 10) only when they run.
 """
 
 from __future__ import annotations
@@ -25,19 +27,17 @@ console = Console(stderr=True)
 out = Console()
 
 
-def _setup() -> None:
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-
-
 @contextmanager
 def _errors():
-    """Turn library input errors into a clear message and exit code 2."""
+    """Run a command body in float64 and turn library input errors into a clear message and
+    exit code 2."""
+    import jax
+
     from hbar.validation import HbarInputError
 
     try:
-        yield
+        with jax.enable_x64(True):
+            yield
     except HbarInputError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None
@@ -107,7 +107,6 @@ def train(
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Train a score network by denoising score matching (g^2 weighting by default)."""
-    _setup()
     with _errors():
         import jax
 
@@ -174,12 +173,11 @@ def sample(
     output: Annotated[Path, typer.Option("--out", help="output .npy (samples) ")] = Path("samples.npy"),
 ) -> None:
     """Sample a trained model with the h-family sampler."""
-    _setup()
     with _errors():
         import jax
         import numpy as np
 
-        from hbar.sampling import sample as run_sample
+        from hbar import sample as run_sample
         from hbar.training import load_checkpoint
 
         score, schedule, cfg = load_checkpoint(run_dir)
@@ -196,7 +194,11 @@ def nll(
     run_dir: Annotated[Path, typer.Argument(help="training run directory")],
     data: Annotated[Path, typer.Argument(help="points (.npy or .csv), shape (n, d)")],
     order: Annotated[int, typer.Option(help="0: NLL at h=0; 1: + C1; 2: + C2")] = 1,
-    method: Annotated[str, typer.Option(help="characteristics | finite-difference (paper's baseline)")] = "characteristics",
+    method: Annotated[str, typer.Option(help="auto (exact characteristics below d = 16, one-loop estimator from "
+                                             "there) | characteristics | one-loop | finite-difference (paper's baseline)")] = "auto",
+    probes: Annotated[int, typer.Option(help="one-loop: C1 samples per point")] = 16,
+    steps: Annotated[int, typer.Option(help="one-loop: steps of the fixed fluctuation grid")] = 128,
+    seed: Annotated[int, typer.Option(help="PRNG seed of the one-loop samples / Hutchinson probes")] = 0,
     rtol: Annotated[float, typer.Option()] = 1e-5,
     atol: Annotated[float, typer.Option()] = 1e-5,
     bound: Annotated[float | None, typer.Option(help="fail trajectories leaving [-bound, bound]^d")] = None,
@@ -205,11 +207,11 @@ def nll(
     output: Annotated[Path | None, typer.Option("--out", help="write per-point results as JSON")] = None,
 ) -> None:
     """NLL at h = 0 and the WKB coefficients C1, C2 (exact, by characteristics)."""
-    _setup()
     with _errors():
+        import jax
         import numpy as np
 
-        from hbar.likelihood import nll as run_nll
+        from hbar import nll as run_nll
         from hbar.ode import ODEOptions
 
         score, schedule, _, x = _load_model_and_data(run_dir, data, n)
@@ -219,13 +221,16 @@ def nll(
             task = prog.add_task("likelihood", total=len(x))
             res = run_nll(score, schedule, x, order=order, method=method,
                           options=ODEOptions(rtol=rtol, atol=atol), bound=bound,
+                          key=jax.random.PRNGKey(seed), probes=probes, steps=steps,
                           progress=lambda done, tot: prog.update(task, completed=done))
         table = Table(title=f"NLL(h) ≈ NLL0 + h C1 + h² C2  (nats, mean ± s.e. over {int(res.valid.sum())} points)")
         table.add_column("quantity")
         table.add_column("value")
         table.add_row("NLL0", _fmt(res.nll0_mean))
         if res.c1 is not None:
-            table.add_row("C1", _fmt(res.c1_mean))
+            table.add_row("C1" + (" (spread over points)" if res.c1_se is not None else ""), _fmt(res.c1_mean))
+        if res.c1_se is not None:
+            table.add_row(f"C1 estimator s.e. (one-loop, {res.probes} probes/point)", f"{res.c1_estimator_se:.4f}")
         if res.c2 is not None:
             table.add_row("C2", _fmt(res.c2_mean))
         if order >= 1:
@@ -237,6 +242,7 @@ def nll(
         if output is not None:
             payload = {"summary": res.summary(), "nll0": res.nll0.tolist(), "valid": res.valid.tolist(),
                        "c1": None if res.c1 is None else res.c1.tolist(),
+                       "c1_se": None if res.c1_se is None else res.c1_se.tolist(),
                        "c2": None if res.c2 is None else res.c2.tolist()}
             output.write_text(json.dumps(payload, default=lambda o: np.asarray(o).tolist()))
 
@@ -252,7 +258,6 @@ def path_nll_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Path-integral Monte Carlo NLL of the time-discretised h-model (any h > 0, any d)."""
-    _setup()
     with _errors():
         import jax
 
@@ -271,11 +276,10 @@ def path_nll_cmd(
 
 
 def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: str) -> None:
-    """Run hbar.reproduce.run_demo / run_reproduce with stage progress bars and print where
-    the report is (stages are cached in the output folder, so a rerun resumes)."""
-    _setup()
+    """Run hbar.studies.paper2024.run_demo / run_reproduce with stage progress bars and print
+    where the report is (stages are cached in the output folder, so a rerun resumes)."""
     with _errors():
-        from hbar import reproduce as study
+        from hbar.studies import paper2024 as study
 
         t0 = time.perf_counter()
         with _progress() as prog:
@@ -309,7 +313,6 @@ def reproduce(
 @app.command()
 def datasets() -> None:
     """List the bundled data sets with their dimension and known exact entropy."""
-    _setup()
     from hbar.data import DATASETS, dataset_dim, dataset_entropy
 
     table = Table(title="data sets (generated locally, no downloads)")

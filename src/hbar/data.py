@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from hbar.validation import HbarInputError, check_points, check_positive_int
+from hbar.gaussian import as_covariance
+from hbar.stats import mean_se
+from hbar.validation import HbarInputError, check_number, check_points, check_positive_int
 
 __all__ = [
     "DatasetSpec",
@@ -115,23 +117,11 @@ def _n(n: Any) -> int:
 
 
 def _positive(v: Any, name: str) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError) as err:
-        raise HbarInputError(f"{name} must be a number, got {v!r}") from err
-    if not (math.isfinite(f) and f > 0):
-        raise HbarInputError(f"{name} must be a finite positive number, got {v!r}")
-    return f
+    return check_number(v, name, positive=True)
 
 
 def _nonneg(v: Any, name: str) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError) as err:
-        raise HbarInputError(f"{name} must be a number, got {v!r}") from err
-    if not (math.isfinite(f) and f >= 0):
-        raise HbarInputError(f"{name} must be a finite number >= 0, got {v!r}")
-    return f
+    return check_number(v, name, nonnegative=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -230,7 +220,8 @@ def mixture_entropy(
     rng = np.random.default_rng(seed)
     x = _sample_mixture(rng, check_positive_int(n_mc, "n_mc"), w, mu, cv)
     lp = mixture_logpdf(x, w, mu, cv)
-    return float(-lp.mean()), float(lp.std(ddof=1) / math.sqrt(lp.shape[0]))
+    mean, se = mean_se(lp)
+    return -mean, se
 
 
 def gaussian_entropy(cov: Any) -> float:
@@ -272,7 +263,7 @@ def twenty_five_gaussians(
     """The paper's 25 Gaussians: equal-weight components centred at (2i, 2j), i, j in
     {-2..2}, std 0.05, every coordinate divided by 2.828. Shape (n, 2).
     Entropy -2.015 +- 0.005 nats (theory.md; for well separated components it is
-    log 25 + log(2 pi e (0.05 / 2.828)^2) = -2.0136)."""
+    log 25 + log(2 pi e (0.05 / 2.828)^2) = -2.0139)."""
     w, mu, sd = _grid25_spec(std, spacing, scale)
     w, mu, cv = _normalise_mixture(w, mu, sd)
     return _sample_mixture(_as_rng(key_or_seed), _n(n), w, mu, cv)
@@ -401,7 +392,8 @@ def _mixture1d_spec(weights=_DEFAULT_1D["weights"], means=_DEFAULT_1D["means"], 
     mu = np.asarray(means, dtype=float).reshape(-1)
     sd = np.asarray(stds, dtype=float).reshape(-1)
     if not (w.shape == mu.shape == sd.shape):
-        raise HbarInputError(f"mixture1d: weights, means, stds must have equal lengths, got {w.shape[0]}, {mu.shape[0]}, {sd.shape[0]}")
+        raise HbarInputError(f"mixture1d: weights, means, stds must have equal lengths, "
+                             f"got {w.shape[0]}, {mu.shape[0]}, {sd.shape[0]}")
     return _normalise_mixture(w, mu[:, None], sd)
 
 
@@ -436,16 +428,9 @@ def _gaussian_spec(mean: Any = None, cov: Any = None, d: int | None = None):
         m = np.zeros(d)
     if m.shape != (d,):
         raise HbarInputError(f"gaussian: mean has dimension {m.shape[0]}, expected d={d}")
-    c = 0.25 if cov is None else cov
-    c = np.asarray(c, dtype=float)
-    if c.ndim == 0:
-        c = float(c) * np.eye(d)
-    elif c.ndim == 1:
-        c = np.diag(c)
-    if c.shape != (d, d):
-        raise HbarInputError(f"gaussian: cov must be a scalar, (d,) or (d, d) with d={d}, got shape {c.shape}")
-    if not np.all(np.isfinite(m)) or not np.all(np.isfinite(c)):
-        raise HbarInputError("gaussian: mean and cov must be finite")
+    c = as_covariance(0.25 if cov is None else cov, d, "gaussian: cov")
+    if not np.all(np.isfinite(m)):
+        raise HbarInputError("gaussian: mean must be finite")
     if not np.allclose(c, c.T, atol=1e-12):
         raise HbarInputError("gaussian: cov must be symmetric")
     try:

@@ -1,6 +1,6 @@
 """Log-likelihoods of the h-family: the exact h = 0 value and its WKB expansion in h.
 
-h = 0 (theory.md section 4): along the probability-flow characteristic
+h = 0 (docs/theory.md section 4): along the probability-flow characteristic
 
     dx/dtau = v0(x, tau) = f(tau) x - (g(tau)^2 / 2) s(x, tau),   x(t_min) = data point,
     log q^0_{t_min}(x) = log pi(x_T) + int_{t_min}^T div v0(x_tau, tau) dtau,
@@ -10,7 +10,7 @@ Hutchinson–Skilling estimate eps^T (dv0/dx) eps with one probe eps per traject
 along it (unbiased for the log-likelihood, since the estimate is linear in the integrand).
 
 For order >= 1 the backward characteristic solve of :mod:`hbar.wkb` adds the WKB
-coefficients, NLL(h) = NLL0 + h C1 + h^2 C2 + O(h^3) per point (theory.md sections 5, 6).
+coefficients, NLL(h) = NLL0 + h C1 + h^2 C2 + O(h^3) per point (docs/theory.md sections 5, 6).
 
 Solves are batched over points with the max-norm error controller of :mod:`hbar.ode`, so
 each point meets the tolerance. If a batched solve fails, the batch is solved again point
@@ -32,47 +32,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from hbar.derivatives import divergence, divergence_hutchinson
-from hbar.ode import ODEOptions, all_finite_rows, solve_ode
+from hbar.ode import ODEOptions, all_finite_rows
+from hbar.one_loop import fluctuation_grid, one_loop_ell1
+from hbar.precision import in_float64
+from hbar.probability_flow import pf_log_likelihood
+from hbar.process import HProcess
 from hbar.sampling import cast_floats
 from hbar.schedules import Schedule
+from hbar.stats import mean_se
 from hbar.validation import HbarInputError, check_h, check_points, check_positive_int
+from hbar.wkb import backward_characteristic, finite_difference_ell1
 
-__all__ = ["LikelihoodResult", "nll", "pf_log_likelihood", "bits_per_dim", "pf_velocity"]
+__all__ = ["LikelihoodResult", "nll", "bits_per_dim"]
 
 EXACT_DIVERGENCE_MAX_DIM = 64
-
-
-def pf_velocity(score: Callable, schedule: Schedule, x: Array, t: Array) -> Array:
-    """v0(x, t) = f(t) x - (g(t)^2/2) s(x, t), shape (n, d)."""
-    return schedule.f(t) * x - 0.5 * schedule.g2(t) * score(x, t)
-
-
-def pf_log_likelihood(
-    score: Callable,
-    schedule: Schedule,
-    x: Array,
-    t0: Array | float,
-    options: ODEOptions,
-    probe: Array | None = None,
-) -> dict[str, Array]:
-    """log q^0_{t0}(x) by the forward probability-flow solve from t0 to T (traceable).
-
-    x: (n, d) points at time t0; probe: None for the exact divergence, else (n, d)
-    Hutchinson probes. Returns dict(ell0 (n,), x_T (n, d), ok (bool), evals (int)).
-    """
-    def field(t, y):
-        X, _ = y
-        if probe is None:
-            v, div = divergence(lambda z: pf_velocity(score, schedule, z, t), X)
-        else:
-            v, div = divergence_hutchinson(lambda z: pf_velocity(score, schedule, z, t), X, probe)
-        return (v, div)
-
-    y0 = (x, jnp.zeros(x.shape[0], dtype=x.dtype))
-    sol = solve_ode(field, y0, t0, schedule.T, options)
-    x_T, delta = sol["y1"]
-    return dict(ell0=schedule.prior_logp(x_T) + delta, x_T=x_T, ok=sol["ok"], evals=sol["evals"])
+# method="auto" at order 1: exact characteristics below this dimension, the one-loop estimator
+# from it on (measured in benchmarks/one_loop.py, docs/theory.md section 5.7)
+ONE_LOOP_MIN_DIM = 16
 
 
 @dataclasses.dataclass
@@ -82,8 +58,10 @@ class LikelihoodResult:
     Arrays are (n,) in nats; c1 / c2 are None when not computed. ``valid`` flags points
     whose solves succeeded and stayed within ``bound``; statistics use valid points only
     and ``n_failed`` counts the others. ``evals_forward`` / ``evals_backward`` are the
-    numbers of vector-field evaluations of the forward and backward solves (each on a
-    batch; one evaluation = one score pass plus its derivatives).
+    total numbers of vector-field evaluations executed by the forward and backward solves,
+    summed over batches (one evaluation = one score pass plus its derivatives on a whole
+    batch; two batches count twice one); ``extras["evals_forward_per_point"]`` /
+    ``extras["evals_backward_per_point"]`` (n,) are those each point's own solve needed.
     """
 
     nll0: np.ndarray
@@ -97,19 +75,13 @@ class LikelihoodResult:
     evals_forward: int
     evals_backward: int
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @staticmethod
-    def _mean_se(a: np.ndarray) -> tuple[float, float]:
-        a = a[np.isfinite(a)]
-        if a.size == 0:
-            return math.nan, math.nan
-        se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan
-        return float(a.mean()), se
+    c1_se: np.ndarray | None = None
+    probes: int | None = None
 
     def _stat(self, arr):
         if arr is None:
             return None
-        return self._mean_se(np.where(self.valid, arr, np.nan))
+        return mean_se(arr[self.valid & np.isfinite(arr)])
 
     @property
     def nll0_mean(self) -> tuple[float, float]:
@@ -119,6 +91,16 @@ class LikelihoodResult:
     @property
     def c1_mean(self) -> tuple[float, float] | None:
         return self._stat(self.c1)
+
+    @property
+    def c1_estimator_se(self) -> float | None:
+        """Standard error of the mean C1 due to the one-loop estimator alone (method="one-loop"):
+        sqrt(sum_i se_i^2) / n over valid points, se_i = ``c1_se`` (over probes). The spread over
+        points (``c1_mean``'s s.e.) already contains it; None for the exact methods."""
+        if self.c1_se is None:
+            return None
+        ok = self.valid & np.isfinite(self.c1_se)
+        return float(np.sqrt(np.sum(self.c1_se[ok] ** 2)) / max(int(ok.sum()), 1))
 
     @property
     def c2_mean(self) -> tuple[float, float] | None:
@@ -148,6 +130,9 @@ class LikelihoodResult:
                "nll0": self.nll0_mean}
         if self.c1 is not None:
             out["c1"] = self.c1_mean
+        if self.c1_se is not None:
+            out["c1_estimator_se"] = self.c1_estimator_se
+            out["probes"] = self.probes
         if self.c2 is not None:
             out["c2"] = self.c2_mean
         return out
@@ -173,37 +158,70 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
 
 
-def run_batched(fn: Callable[..., dict], score: Callable, arrays: list[np.ndarray], batch_size: int,
-                progress: Callable[[int, int], None] | None = None, **static: Any) -> dict[str, np.ndarray]:
-    """Apply a batch function ``fn(score, *arrays, **static)`` to row chunks of ``arrays``
+BATCHINGS = ("per-point", "batch")
+# batching="auto" at order >= 1 caps a jitted chunk at this many rows x d^(2 order) (the
+# size of the highest Taylor layer): the derivative passes of large chunks leave the cache.
+# Measured on the 64-D digits model, order 1, per point: chunks of 1 point 2.09 s, of 4 points
+# 2.35 s (batched: 3.79 s); on the 2-D swiss roll, 200 points: chunk 200 0.36 s, 25 0.41 s.
+AUTO_TAYLOR_BUDGET = 4096
+
+
+def run_batched(fn: Callable[..., dict], proc: HProcess, arrays: list[np.ndarray], batch_size: int,
+                progress: Callable[[int, int], None] | None = None, *, batching: str = "batch",
+                **static: Any) -> dict[str, np.ndarray]:
+    """Apply a batch function ``fn(proc, *arrays, **static)`` to row chunks of ``arrays``
     (padded to one shape so it compiles once; compiled functions are cached across calls by
     ``equinox.filter_jit``, so a second call with the same score is not recompiled).
 
-    ``fn`` returns a dict with per-row arrays and scalars ``ok``, ``evals_*``. A chunk whose
-    solve failed is re-run row by row (vmapped) so that the failing rows are identified;
-    their ``row_ok`` is False. Returns concatenated rows, ``row_ok`` and the maximum of
-    each ``evals_*`` counter.
+    ``batching``: "batch" solves a chunk as one batched solve (one step size for the chunk,
+    set by its worst row under the max norm); "per-point" vmaps the single-point solve over
+    the chunk's rows, so each row has its own step-size control and its own step count (the
+    vmapped loop runs until the chunk's slowest row is done, but easy rows take their own,
+    larger steps instead of their chunk's). ``fn`` returns a dict with per-row arrays and
+    scalars ``ok``, ``evals_*``. In "batch" mode a chunk whose solve failed is re-run row by
+    row (vmapped) so that the failing rows are identified; their ``row_ok`` is False.
+
+    Returns concatenated rows, ``row_ok``, and for each counter ``evals_*`` (vector-field
+    evaluations of one solve): ``evals_*`` the total number of evaluations executed, summed
+    over chunks (a batched or vmapped evaluation of a chunk counts once; in "per-point" mode a
+    chunk executes as many as its slowest row needs; failed attempts that were re-run count
+    too), and ``evals_*_per_point`` (n,) the evaluations each row's own solve needed (in
+    "batch" mode those of its chunk).
     """
+    if batching not in BATCHINGS:
+        raise HbarInputError(f"batching must be one of {BATCHINGS}, got {batching!r}")
     n = arrays[0].shape[0]
     bs = min(batch_size, n)
     chunks: dict[str, list] = {}
     evals: dict[str, int] = {}
+
+    def count(k, v, executed):
+        evals[k] = evals.get(k, 0) + int(executed)
+        chunks.setdefault(k + "_per_point", []).append(np.broadcast_to(np.asarray(v), (bs,))[: stop - start])
+
     for start in range(0, n, bs):
         stop = min(start + bs, n)
         args = [jnp.asarray(_pad_rows(a[start:stop], bs)) for a in arrays]
-        out = _jit_batch(fn, score, args, static)
-        if bool(out["ok"]):
-            row_ok = np.ones(bs, dtype=bool)
-        else:
-            out = _jit_rows(fn, score, args, static)
+        if batching == "batch":
+            out = _jit_batch(fn, proc, args, static)
+            ok = bool(out["ok"])
+            if not ok:  # the failed attempt was executed: count it
+                for k, v in out.items():
+                    if k.startswith("evals"):
+                        evals[k] = evals.get(k, 0) + int(np.asarray(v))
+        if batching == "per-point" or not ok:
+            out = _jit_rows(fn, proc, args, static)
             out = {k: (v[:, 0] if (k != "ok" and not k.startswith("evals") and v.ndim >= 2) else v)
                    for k, v in out.items()}
             row_ok = np.asarray(out["ok"]).reshape(bs)
+        else:
+            row_ok = np.ones(bs, dtype=bool)
         for k, v in out.items():
             if k == "ok":
                 continue
             if k.startswith("evals"):
-                evals[k] = max(evals.get(k, 0), int(np.max(np.asarray(v))))
+                v = np.asarray(v)
+                count(k, v, np.max(v[: stop - start]) if v.ndim else v)
                 continue
             chunks.setdefault(k, []).append(np.asarray(v)[: stop - start])
         chunks.setdefault("row_ok", []).append(row_ok[: stop - start])
@@ -215,25 +233,23 @@ def run_batched(fn: Callable[..., dict], score: Callable, arrays: list[np.ndarra
 
 
 @eqx.filter_jit
-def _jit_batch(fn, score, args, static):
-    return fn(cast_floats(score, args[0].dtype), *args, **static)
+def _jit_batch(fn, proc, args, static):
+    return fn(cast_floats(proc, args[0].dtype), *args, **static)
 
 
 @eqx.filter_jit
-def _jit_rows(fn, score, args, static):
-    score = cast_floats(score, args[0].dtype)
-    return jax.vmap(lambda *rows: fn(score, *[r[None] for r in rows], **static))(*args)
+def _jit_rows(fn, proc, args, static):
+    proc = cast_floats(proc, args[0].dtype)
+    return jax.vmap(lambda *rows: fn(proc, *[r[None] for r in rows], **static))(*args)
 
 
-def _batch_characteristics(score, xb, pb=None, *, schedule, order, options):
+def _batch_characteristics(proc, xb, pb=None, *, order, options):
     """One batch of the forward probability-flow solve and, for order >= 1, the backward
     characteristic solve of :mod:`hbar.wkb`."""
-    from hbar.wkb import backward_characteristic
-
-    fwd = pf_log_likelihood(score, schedule, xb, schedule.t_min, options, probe=pb)
+    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb)
     out = dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ok=fwd["ok"], evals_forward=fwd["evals"])
     if order >= 1:
-        bwd = backward_characteristic(score, schedule, fwd["x_T"], order, options)
+        bwd = backward_characteristic(proc, fwd["x_T"], order, options)
         out.update(ell1=bwd["ell1"], x_back=bwd["x"], ell0_back=bwd["ell0"],
                    ok=fwd["ok"] & bwd["ok"], evals_backward=bwd["evals"])
         if order >= 2:
@@ -241,16 +257,24 @@ def _batch_characteristics(score, xb, pb=None, *, schedule, order, options):
     return out
 
 
-def _batch_finite_difference(score, xb, *, schedule, options, inner, fd_step):
-    """One batch of the forward solve plus the paper's finite-difference C1 baseline."""
-    from hbar.wkb import finite_difference_ell1
+def _batch_one_loop(proc, xb, kb, pb=None, *, options, grid, probes):
+    """One batch of the forward probability-flow solve (NLL0, x_T) plus ``probes`` one-loop
+    samples of psi1 per point (:mod:`hbar.one_loop`, docs/theory.md section 5.7)."""
+    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb)
+    ol = one_loop_ell1(proc, xb, fwd["x_T"], kb, grid, probes)
+    return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ell1=ol["ell1"], ell1_se=ol["ell1_se"],
+                ok=fwd["ok"] & ol["ok"], evals_forward=fwd["evals"], evals_backward=ol["evals"])
 
-    fwd = pf_log_likelihood(score, schedule, xb, schedule.t_min, options)
-    fd = finite_difference_ell1(score, schedule, xb, options, inner, fd_step)
+
+def _batch_finite_difference(proc, xb, *, options, inner, fd_step):
+    """One batch of the forward solve plus the paper's finite-difference C1 baseline."""
+    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options)
+    fd = finite_difference_ell1(proc, xb, options, inner, fd_step)
     return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ell1=fd["ell1"], ok=fwd["ok"] & fd["ok"],
                 evals_forward=fwd["evals"], evals_backward=fd["evals"])
 
 
+@in_float64
 def nll(
     score: Callable,
     schedule: Schedule,
@@ -265,42 +289,72 @@ def nll(
     fd_step: float = 0.01,
     bound: float | None = None,
     batch_size: int = 256,
+    batching: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    probes: int = 16,
+    steps: int = 128,
+    grid: str = "logsnr",
 ) -> LikelihoodResult:
     """Negative log-likelihood of data points under the h-family model, with WKB terms.
+
+    Computed in float64 whatever the global JAX setting (:mod:`hbar.precision`).
 
     Args:
         score: score callable s(x, t), (n, d) -> (n, d).
         schedule: forward schedule; the model density is evaluated at t_min.
         x: (n, d) data points (NaN/inf rejected).
         order: 0 (NLL at h = 0), 1 (adds C1 = dNLL/dh at 0), 2 (adds C2, d <= 2).
-        method: "characteristics" (exact autodiff, theory.md section 5) or
-            "finite-difference" (the paper's algorithm, order 1 only; theory.md section 5,
-            first bullet: central differences of nested solves with step ``fd_step``).
+        method: "characteristics" (exact autodiff, docs/theory.md section 5),
+            "finite-difference" (the paper's algorithm, order 1 only; docs/theory.md section 5.6:
+            central differences of nested solves with step ``fd_step``), "one-loop" (order 1 only,
+            any d: unbiased stochastic C1 with its standard error over ``probes`` samples per
+            point in ``result.c1_se``; docs/theory.md section 5.7; needs ``key``) or "auto"
+            (characteristics for order 1 up to d = ONE_LOOP_MIN_DIM - 1, one-loop from there).
+        probes, steps, grid: one-loop only -- samples per point, steps of the fixed
+            fluctuation grid (stochastic Heun, weak order 2) and its kind ("logsnr": uniform
+            in log(alpha^2/sigma^2), or "uniform" in t). ``batch_size`` then counts samples
+            (points x probes) per jitted batch.
         divergence: "exact", "hutchinson" (order 0 only) or "auto" (exact for d <= 64).
         key: PRNG key for Hutchinson probes (Rademacher, one per trajectory).
         options: tolerances of the solves; inner_options: of the nested solves of the
             finite-difference baseline (default: same as ``options``).
         bound: points whose x_T (or backward return) leave [-bound, bound]^d are failed.
         batch_size: points per jitted batch; progress(done, n) is called after each.
+        batching: "per-point" (each point has its own step-size control: the single-point
+            solve vmapped over the batch), "batch" (one step size per batch, set by its worst
+            point) or "auto" (per-point for the characteristics method, and at order >= 1 at
+            most AUTO_TAYLOR_BUDGET / d^(2 order) points per jitted batch; measured in
+            benchmarks/run.py). Both meet the tolerance for every point.
     """
     xs = check_points(x, "x")
     n, d = xs.shape
     if order not in (0, 1, 2):
         raise HbarInputError(f"order must be 0, 1 or 2, got {order}")
-    if method not in ("characteristics", "finite-difference"):
-        raise HbarInputError(f"unknown method {method!r}; use 'characteristics' or 'finite-difference'")
+    if method == "auto":
+        method = "one-loop" if (order == 1 and d >= ONE_LOOP_MIN_DIM) else "characteristics"
+    if method not in ("characteristics", "finite-difference", "one-loop"):
+        raise HbarInputError(f"unknown method {method!r}; use 'characteristics', 'finite-difference', "
+                             f"'one-loop' or 'auto'")
+    if method == "one-loop":
+        if order != 1:
+            raise HbarInputError("the one-loop estimator computes order=1 only")
+        if key is None:
+            raise HbarInputError("method='one-loop' needs a PRNG key (key=jax.random.PRNGKey(...))")
+        probes = check_positive_int(probes, "probes")
+        ol_grid = fluctuation_grid(schedule, steps, grid)
     if method == "finite-difference" and order != 1:
         raise HbarInputError("the finite-difference baseline computes order=1 only")
     if divergence == "auto":
         divergence = "exact" if d <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
     if divergence not in ("exact", "hutchinson"):
         raise HbarInputError(f"divergence must be 'exact', 'hutchinson' or 'auto', got {divergence!r}")
-    if divergence == "hutchinson" and order > 0:
+    if divergence == "hutchinson" and order > 0 and method != "one-loop":
         raise HbarInputError("Hutchinson divergence is available for order=0 only; use divergence='exact'")
     if order == 2 and d > 2:
         warnings.warn(f"order=2 in d={d}: the cost grows like d^4 per step", stacklevel=2)
     batch_size = check_positive_int(batch_size, "batch_size")
+    if batching not in ("auto",) + BATCHINGS:
+        raise HbarInputError(f"batching must be 'auto', 'per-point' or 'batch', got {batching!r}")
     dtype = jnp.result_type(float)
     xs = xs.astype(dtype)
     arrays = [xs]
@@ -310,25 +364,42 @@ def nll(
         probe = np.asarray(jax.random.rademacher(key, (n, d), dtype=dtype))
         arrays.append(probe)
 
-    if method == "finite-difference":
-        res = run_batched(_batch_finite_difference, score, arrays, batch_size, progress,
-                          schedule=schedule, options=options, inner=inner_options or options,
+    proc = HProcess(schedule, score)
+    if method == "one-loop":
+        point_keys = jax.random.split(jax.random.fold_in(key, 1), n)
+        if jnp.issubdtype(point_keys.dtype, jax.dtypes.prng_key):
+            point_keys = jax.random.key_data(point_keys)
+        arrays.insert(1, np.asarray(point_keys))
+        res = run_batched(_batch_one_loop, proc, arrays, max(1, batch_size // probes), progress,
+                          options=options, grid=np.asarray(ol_grid, dtype=dtype), probes=probes)
+    elif method == "finite-difference":
+        res = run_batched(_batch_finite_difference, proc, arrays, batch_size, progress,
+                          options=options, inner=inner_options or options,
                           fd_step=float(fd_step))
     else:
-        res = run_batched(_batch_characteristics, score, arrays, batch_size, progress,
-                          schedule=schedule, order=order, options=options)
+        chunk = batch_size
+        if batching == "auto" and order >= 1:
+            chunk = min(batch_size, max(1, AUTO_TAYLOR_BUDGET // d ** (2 * order)))
+        res = run_batched(_batch_characteristics, proc, arrays, chunk, progress,
+                          batching="per-point" if batching == "auto" else batching,
+                          order=order, options=options)
     valid = res["row_ok"] & np.isfinite(res["ell0"]) & np.asarray(all_finite_rows(jnp.asarray(res["x_T"])))
     if bound is not None:
         valid &= np.all(np.abs(res["x_T"]) <= bound, axis=1)
-    c1 = c2 = None
+    c1 = c2 = c1_se = None
     extras: dict[str, Any] = {"x_T": res["x_T"]}
+    extras.update({k: res[k] for k in res if k.startswith("evals_") and k.endswith("_per_point")})
     if order >= 1:
         c1 = -res["ell1"]
         valid &= np.isfinite(c1)
+        if "ell1_se" in res:
+            c1_se = res["ell1_se"]
+            extras.update(steps=int(steps), grid=grid)
         if "x_back" in res:
             ret = np.max(np.abs(res["x_back"] - xs), axis=1)
-            extras["return_error_max"] = float(np.nanmax(np.where(valid, ret, np.nan))) if valid.any() else math.nan
-            extras["ell0_backward_diff_max"] = float(np.nanmax(np.where(valid, np.abs(res["ell0_back"] - res["ell0"]), np.nan))) if valid.any() else math.nan
+            back_diff = np.abs(res["ell0_back"] - res["ell0"])
+            extras["return_error_max"] = float(np.max(ret[valid])) if valid.any() else math.nan
+            extras["ell0_backward_diff_max"] = float(np.max(back_diff[valid])) if valid.any() else math.nan
             if bound is not None:
                 valid &= np.all(np.abs(res["x_back"]) <= bound, axis=1)
     if order >= 2:
@@ -343,4 +414,5 @@ def nll(
         nll0=-res["ell0"], c1=c1, c2=c2, valid=valid, n_failed=n_failed, order=order, method=method,
         divergence=divergence, evals_forward=int(res.get("evals_forward", 0)),
         evals_backward=int(res.get("evals_backward", 0)), extras=extras,
+        c1_se=c1_se, probes=probes if method == "one-loop" else None,
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from hbar.gaussian import as_covariance
 from hbar.validation import HbarInputError, check_points
 
 __all__ = ["w2_empirical", "gaussian_w2", "sample_moments", "SampleMoments"]
@@ -87,15 +88,8 @@ def _psd_sqrt(c: np.ndarray) -> np.ndarray:
 
 
 def _as_cov(c: Any, d: int, name: str) -> np.ndarray:
-    arr = np.asarray(c, dtype=np.float64)
-    if arr.ndim == 0:
-        arr = arr * np.eye(d)
-    elif arr.ndim == 1:
-        arr = np.diag(arr)
-    if arr.shape != (d, d):
-        raise HbarInputError(f"{name} must be scalar, (d,) or (d, d) with d={d}, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise HbarInputError(f"{name} contains NaN or inf")
+    """A symmetric positive semi-definite (d, d) covariance (see :func:`hbar.gaussian.as_covariance`)."""
+    arr = as_covariance(c, d, name)
     if not np.allclose(arr, arr.T, rtol=1e-8, atol=1e-12 * max(1.0, np.abs(arr).max())):
         raise HbarInputError(f"{name} must be symmetric")
     w = np.linalg.eigvalsh(0.5 * (arr + arr.T))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from hbar.validation import HbarInputError
+from hbar.validation import HbarInputError, check_positive_int
 
 __all__ = [
     "Dense",
@@ -93,12 +93,8 @@ class Dense(eqx.Module):
 
 
 def _check_arch(d: Any, width: Any, depth: Any) -> tuple[int, int, int]:
-    out = []
-    for name, v, lo in (("d", d, 1), ("width", width, 1), ("depth", depth, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-            raise HbarInputError(f"network {name} must be an integer >= {lo}, got {v!r}")
-        out.append(int(v))
-    return out[0], out[1], out[2]
+    return (check_positive_int(d, "network d"), check_positive_int(width, "network width"),
+            check_positive_int(depth, "network depth"))
 
 
 class _MLPBase(eqx.Module):
@@ -234,19 +230,13 @@ def validate_network_config(cfg: Any, d: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "d": cfg.get("d"), **_DEFAULTS[name]}
     out.update({k: v for k, v in cfg.items() if k not in ("name", "d")})
     if d is not None:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-            raise HbarInputError(f"data dimension d must be a positive integer, got {d!r}")
+        d = check_positive_int(d, "data dimension d")
         if out["d"] is not None and out["d"] != d:
             raise HbarInputError(f"network config has d={out['d']} but the data have dimension {d}")
         out["d"] = int(d)
     for k in ("d", "width", "depth", "embed_dim"):
         if k in out and out[k] is not None:
-            v = out[k]
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise HbarInputError(f"network field {k!r} must be a positive integer, got {out[k]!r}")
-            out[k] = int(v)
+            out[k] = check_positive_int(out[k], f"network field {k!r}")
     if "embed_dim" in out and out["embed_dim"] % 2:
         raise HbarInputError(f"network field 'embed_dim' must be even, got {out['embed_dim']}")
     if "max_freq" in out:

@@ -81,8 +81,11 @@ class HProcess(eqx.Module):
 
     def forward_drift(self, x: Array, t: Array | float, h: Array | float) -> Array:
         """Forward h-process drift f x - (1-h)/2 g^2 s. Without a score only h = 1 (the
-        noising process dx = f x dt + g dw) is defined."""
+        noising process dx = f x dt + g dw) is defined: a concrete h != 1 is an error, and a
+        traced h must be checked by the caller before tracing."""
         if self.score is None:
+            if isinstance(h, (int, float)) and float(h) != 1.0:
+                raise HbarInputError("the forward h-process with h != 1 needs a score (the true score for P^h)")
             return self.schedule.f(t) * x
         return self.forward_drift_given_score(x, self._score(x, t), t, h)
 

@@ -1,4 +1,4 @@
-"""The h-family sampler (theory.md section 2).
+"""The h-family sampler (docs/theory.md section 2).
 
     dx = [ f(t) x - (1+h)/2 g(t)^2 s(x, t) ] dt + sqrt(h) g(t) dw_bar,
     run from t = T down to t = t_min, x_T ~ pi.
@@ -33,22 +33,14 @@ import numpy as np
 from jax import Array
 
 from hbar.ode import ODEOptions, all_finite_rows, solve_ode
+from hbar.process import HProcess
 from hbar.schedules import Schedule
+from hbar.scores import declared_dim
 from hbar.validation import HbarInputError, check_h, check_positive_int
 
-__all__ = ["SampleResult", "sample", "backward_drift", "time_grid", "METHODS", "score_dimension", "simulate_path"]
+__all__ = ["SampleResult", "sample", "time_grid", "METHODS", "score_dimension", "simulate_path", "cast_floats"]
 
 METHODS = ("euler", "heun", "adaptive")
-
-
-def backward_drift(score: Callable, schedule: Schedule, h: float | Array) -> Callable[[Array, Array], Array]:
-    """u_h(x, t) = f(t) x - (1+h)/2 g(t)^2 s(x, t): the drift of the h-backward process
-    in forward-time notation. Shapes: x (n, d) -> (n, d)."""
-
-    def u(x: Array, t: Array) -> Array:
-        return schedule.f(t) * x - 0.5 * (1.0 + h) * schedule.g2(t) * score(x, t)
-
-    return u
 
 
 def time_grid(schedule: Schedule, steps: int, t_start: float | None = None, t_end: float | None = None,
@@ -74,9 +66,7 @@ def score_dimension(score: Callable, d: int | None) -> int:
     (hbar networks) when the score carries it."""
     if d is not None:
         return check_positive_int(d, "d")
-    dim = getattr(score, "dim", None)
-    if dim is None:
-        dim = getattr(score, "d", None)
+    dim = declared_dim(score)
     if dim is None:
         raise HbarInputError("cannot tell the data dimension from the score: pass d=... or x_T=...")
     return int(dim)
@@ -108,11 +98,11 @@ class SampleResult:
         return self.samples[self.valid]
 
 
-def _sde_scan(u: Callable, g2: Callable, h: float, x0: Array, ts: Array, key: Array, method: str,
+def _sde_scan(u: Callable, var_rate: Callable, x0: Array, ts: Array, key: Array, method: str,
               bound: float, keep_path: bool):
-    """Fixed-grid Euler–Maruyama / stochastic Heun over the decreasing grid ``ts``.
+    """Fixed-grid Euler–Maruyama / stochastic Heun over the decreasing grid ``ts`` for
+    dx = u dt + sqrt(var_rate(t)) dw (var_rate = h g^2 for the h-family).
     Carries a running max |x| per row to detect excursions. Returns (x, maxabs, path|None)."""
-    sqrt_h = jnp.sqrt(h)
 
     def step(carry, inp):
         x, maxabs = carry
@@ -121,10 +111,10 @@ def _sde_scan(u: Callable, g2: Callable, h: float, x0: Array, ts: Array, key: Ar
         z = jax.random.normal(jax.random.fold_in(key, k), x.shape, dtype=x.dtype)
         u0 = u(x, t0)
         if method == "euler":
-            noise = sqrt_h * jnp.sqrt(g2(t0) * dt) * z
+            noise = jnp.sqrt(var_rate(t0) * dt) * z
             x_new = x - u0 * dt + noise
         else:  # stochastic Heun with a trapezoidal noise variance
-            noise = sqrt_h * jnp.sqrt(0.5 * (g2(t0) + g2(t1)) * dt) * z
+            noise = jnp.sqrt(0.5 * (var_rate(t0) + var_rate(t1)) * dt) * z
             x_pred = x - u0 * dt + noise
             x_new = x - 0.5 * (u0 + u(x_pred, t1)) * dt + noise
         maxabs = jnp.maximum(maxabs, jnp.max(jnp.abs(x_new), axis=-1))
@@ -152,7 +142,7 @@ def sample(
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SampleResult:
-    """Draw n samples of the h-backward process at t_min (theory.md section 2).
+    """Draw n samples of the h-backward process at t_min (docs/theory.md section 2).
 
     Args:
         score: score callable s(x, t), (n, d) -> (n, d).
@@ -239,17 +229,18 @@ def sample(
 def _sde_run(score, x0, key, h, bound, ts, *, schedule, method, keep_path):
     """Jitted fixed-grid run; compiled once per (score structure, schedule, shapes, method):
     h and the bound are traced, so scanning over h does not recompile."""
-    u = backward_drift(score, schedule, h)
-    return _sde_scan(u, schedule.g2, h, x0, ts, key, method, bound, keep_path)
+    proc = HProcess(schedule, score)
+    return _sde_scan(lambda x, t: proc.drift(x, t, h), lambda t: proc.diffusion2(t, h), x0, ts, key, method,
+                     bound, keep_path)
 
 
 @eqx.filter_jit
 def _adaptive_run(score, x0, *, schedule, options):
     """Per-point adaptive probability-flow solve from T to t_min (vmapped over rows)."""
-    u = backward_drift(cast_floats(score, x0.dtype), schedule, 0.0)
+    proc = HProcess(schedule, cast_floats(score, x0.dtype))
 
     def one(x):
-        sol = solve_ode(lambda t, y: u(y[None], t)[0], x, schedule.T, schedule.t_min, options)
+        sol = solve_ode(lambda t, y: proc.velocity(y[None], t)[0], x, schedule.T, schedule.t_min, options)
         return sol["y1"], sol["ok"], sol["evals"]
 
     return jax.vmap(one)(x0)
@@ -273,10 +264,12 @@ def simulate_path(drift: Callable[[Array, Array], Array], g2: Callable[[Array], 
         raise HbarInputError(f"simulate_path: ts must be a 1-D grid with >= 2 times, got shape {grid.shape}")
     steps = np.diff(grid)
     if np.all(steps < 0):
-        _, _, path = _sde_scan(drift, g2, h, x0, jnp.asarray(ts, dtype=x0.dtype), key, method, jnp.inf, True)
+        _, _, path = _sde_scan(drift, lambda t: h * g2(t), x0, jnp.asarray(ts, dtype=x0.dtype), key, method,
+                               jnp.inf, True)
     elif np.all(steps > 0):
-        _, _, path = _sde_scan(lambda x, tau: -drift(x, -tau), lambda tau: g2(-tau), h, x0,
+        _, _, path = _sde_scan(lambda x, tau: -drift(x, -tau), lambda tau: h * g2(-tau), x0,
                                -jnp.asarray(ts, dtype=x0.dtype), key, method, jnp.inf, True)
     else:
         raise HbarInputError("simulate_path: ts must be strictly increasing or strictly decreasing")
     return jnp.concatenate([x0[None], path], axis=0)
+

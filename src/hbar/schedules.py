@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from hbar.gaussian import isotropic_logpdf
 from hbar.validation import HbarInputError
 
 __all__ = [
@@ -116,9 +117,7 @@ class Schedule(abc.ABC):
 
     def prior_logp(self, x: Array) -> Array:
         """log pi(x) per row, shape (n,)."""
-        d = x.shape[-1]
-        s2 = self.prior_std**2
-        return -0.5 * jnp.sum(x**2, axis=-1) / s2 - 0.5 * d * jnp.log(2 * jnp.pi * s2)
+        return isotropic_logpdf(x, self.prior_std**2)
 
     def prior_score(self, x: Array) -> Array:
         """grad log pi(x) = -x / prior_std^2, shape of x."""

@@ -1,4 +1,4 @@
-"""Exact and perturbed analytic scores (theory.md sections 1, 7).
+"""Exact and perturbed analytic scores (docs/theory.md sections 1, 7).
 
 Public contract: a *score* is any JAX-traceable callable ``score(x, t)`` with ``x`` of
 shape (n, d) and ``t`` a scalar, returning an array of shape (n, d). Trained networks
@@ -23,20 +23,32 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from hbar.gaussian import as_covariance
 from hbar.schedules import Schedule
 from hbar.validation import HbarInputError
 
 __all__ = [
     "ScoreFn",
+    "declared_dim",
     "GaussianMixtureScore",
     "gaussian_score",
     "PerturbedScore",
     "AffineScore",
+    "DiagonalGaussianScore",
 ]
 
 
 class ScoreFn(Protocol):
     def __call__(self, x: Array, t: Array | float) -> Array: ...
+
+
+def declared_dim(score: Callable) -> int | None:
+    """The data dimension a score declares: ``score.dim`` (analytic and wrapped scores) or
+    ``score.d`` (hbar networks); None when it declares neither."""
+    dim = getattr(score, "dim", None)
+    if dim is None:
+        dim = getattr(score, "d", None)
+    return None if dim is None else int(dim)
 
 
 class GaussianMixtureScore(eqx.Module):
@@ -122,7 +134,7 @@ class AffineScore(eqx.Module):
     A(t) = -(alpha^2 S0 + sigma^2 I)^{-1}, b(t) = -A(t) alpha m0. ``scale_eps`` multiplies
     the whole score by (1 + eps); ``shift`` adds a constant vector b_shift * shift_profile(t).
     Such scores keep every q^h Gaussian, which the closed-form oracle in
-    :mod:`hbar.references` exploits (theory.md section 7).
+    :mod:`hbar.references` exploits (docs/theory.md section 7).
     """
 
     mean: Array
@@ -134,15 +146,8 @@ class AffineScore(eqx.Module):
     def __init__(self, mean, cov, schedule: Schedule, scale_eps: float = 0.0, shift=None):
         m = jnp.atleast_1d(jnp.asarray(mean, dtype=jnp.result_type(float)))
         d = m.shape[0]
-        c = jnp.asarray(cov, dtype=m.dtype)
-        if c.ndim == 0:
-            c = c * jnp.eye(d, dtype=m.dtype)
-        elif c.ndim == 1:
-            c = jnp.diag(c)
-        if c.shape != (d, d):
-            raise HbarInputError(f"Gaussian: cov must be scalar, (d,) or (d, d) with d={d}, got {c.shape}")
         self.mean = m
-        self.cov = c
+        self.cov = jnp.asarray(as_covariance(cov, d, "Gaussian cov"), dtype=m.dtype)
         self.scale_eps = float(scale_eps)
         self.shift = jnp.zeros(d, m.dtype) if shift is None else jnp.asarray(shift, m.dtype).reshape(d)
         self.schedule = schedule
@@ -174,17 +179,25 @@ def gaussian_score(mean, cov, schedule: Schedule, scale_eps: float = 0.0, shift=
 class PerturbedScore(eqx.Module):
     """s_eps(x, t) = (1 + eps) base(x, t) + shift(x, t): the paper's imperfect-score device.
 
-    ``shift`` is either None, a constant vector (d,), or a smooth callable shift(x, t) -> (n, d).
+    ``eps`` is stored as an array leaf, so one compiled function serves every eps (a scan over
+    eps does not recompile). ``shift`` is either None, a constant vector (d,), or a smooth
+    callable shift(x, t) -> (n, d). ``dim`` is the base score's dimension when it has one.
     """
 
     base: Callable
-    eps: float
+    eps: Array
     shift: Callable | Array | None
 
-    def __init__(self, base: Callable, eps: float = 0.0, shift=None):
+    def __init__(self, base: Callable, eps: float | Array = 0.0, shift=None):
         self.base = base
-        self.eps = float(eps)
+        self.eps = jnp.asarray(eps, dtype=jnp.result_type(float))
+        if self.eps.ndim != 0:
+            raise HbarInputError(f"PerturbedScore: eps must be a scalar, got shape {self.eps.shape}")
         self.shift = shift if (shift is None or callable(shift)) else jnp.asarray(shift)
+
+    @property
+    def dim(self) -> int | None:
+        return declared_dim(self.base)
 
     def __call__(self, x: Array, t: Array | float) -> Array:
         out = (1.0 + self.eps) * self.base(x, t)
@@ -193,3 +206,51 @@ class PerturbedScore(eqx.Module):
         if callable(self.shift):
             return out + self.shift(x, t)
         return out + self.shift
+
+
+class DiagonalGaussianScore(eqx.Module):
+    """The affine score of factorised Gaussian data N(mean, diag(var)), perturbed like
+    :class:`AffineScore` but with O(d) cost (for large d):
+
+        s(x, t) = -(1 + eps) (x - alpha mean) / (alpha^2 var + sigma^2) + shift.
+
+    Every coordinate evolves independently, so the closed-form oracle is a sum of 1-D oracles
+    (:func:`hbar.references.factorised_oracle`). ``affine(t)`` gives the full (A, b) of
+    :class:`AffineScore` (A diagonal) for checks with :func:`hbar.references.gaussian_oracle`
+    in small d. Shapes: mean, var, shift (d,).
+    """
+
+    mean: Array
+    var: Array
+    scale_eps: float
+    shift: Array
+    schedule: Schedule = eqx.field(static=True)
+
+    def __init__(self, mean, var, schedule: Schedule, scale_eps: float = 0.0, shift=None):
+        m = jnp.atleast_1d(jnp.asarray(mean, dtype=jnp.result_type(float)))
+        d = m.shape[0]
+        v = jnp.broadcast_to(jnp.asarray(var, dtype=m.dtype), (d,))
+        if m.ndim != 1 or not bool(jnp.all(v >= 0)):
+            raise HbarInputError("DiagonalGaussianScore: mean must be (d,) and var (d,) non-negative")
+        self.mean = m
+        self.var = v
+        self.scale_eps = float(scale_eps)
+        self.shift = jnp.zeros(d, m.dtype) if shift is None else jnp.broadcast_to(jnp.asarray(shift, m.dtype), (d,))
+        self.schedule = schedule
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def _prec(self, t):
+        a = self.schedule.alpha(t)
+        return a, 1.0 / (a**2 * self.var + self.schedule.sigma2(t))
+
+    def affine(self, t: Array | float) -> tuple[Array, Array]:
+        """(A(t), b(t)) with s = x @ A.T + b: A = -(1 + eps) diag(prec), shapes (d, d), (d,)."""
+        a, prec = self._prec(t)
+        return -(1.0 + self.scale_eps) * jnp.diag(prec), (1.0 + self.scale_eps) * prec * a * self.mean + self.shift
+
+    def __call__(self, x: Array, t: Array | float) -> Array:
+        a, prec = self._prec(t)
+        return -(1.0 + self.scale_eps) * prec * (x - a * self.mean) + self.shift

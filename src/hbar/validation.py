@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HbarInputError", "check_points", "check_h", "check_positive_int"]
+__all__ = ["HbarInputError", "check_points", "check_h", "check_positive_int", "check_number"]
 
 
 class HbarInputError(ValueError):
@@ -54,9 +54,30 @@ def check_h(h: Any, name: str = "h") -> np.ndarray:
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or int(value) <= 0:
+    """An int >= 1 (an integral float such as 3.0 is accepted); bools, strings and other
+    objects are refused with a message naming ``name``."""
+    ok = isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and math.isfinite(value)
+                                                  and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not ok or int(value) <= 0:
         raise HbarInputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_number(value: Any, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """A finite real number (optionally > 0 or >= 0), as float; a clear error otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        raise HbarInputError(f"{name} must be a number, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError) as err:
+        raise HbarInputError(f"{name} must be a number, got {value!r}") from err
+    if not math.isfinite(f):
+        raise HbarInputError(f"{name} must be finite, got {value!r}")
+    if positive and not f > 0:
+        raise HbarInputError(f"{name} must be a finite positive number, got {value!r}")
+    if nonnegative and not f >= 0:
+        raise HbarInputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return f
 
 
 def is_finite_number(v: float) -> bool:

@@ -1,8 +1,8 @@
-"""Figures of the reproduction (:mod:`hbar.reproduce`): pure functions of arrays and a path.
+"""Figures of the paper2024 study (docs/theory.md section 10): pure functions of arrays and a path.
 
-Every function takes plain NumPy arrays (or lists), draws one PNG with the non-interactive
-Agg backend, writes it to ``path`` (parent directories are created) and returns the path.
-No function reads result files or computes anything but what it draws.
+Every function takes plain NumPy arrays (or lists), builds one :class:`matplotlib.figure.Figure`
+(no pyplot, no backend switch: nothing global is touched), writes it as PNG to ``path``
+(parent directories are created) and returns the path.
 """
 
 from __future__ import annotations
@@ -12,27 +12,20 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-__all__ = [
-    "plot_gauss1d",
-    "plot_samples_grid",
-    "plot_samples_single",
-    "plot_nll_h",
-    "plot_w2_h",
-    "plot_fd_vs_exact",
-]
+__all__ = ["plot_gauss1d", "plot_samples_grid", "plot_samples_single", "plot_nll_h", "plot_w2_h", "plot_fd_vs_exact"]
 
 
-def _save(fig: Any, path: str | os.PathLike) -> str:
+def _figure(w: float, h: float) -> Figure:
+    return Figure(figsize=(w, h), layout="tight")
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> str:
     p = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-    fig.savefig(p, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(p, dpi=110, bbox_inches="tight")  # Figure.savefig attaches an Agg canvas for PNG
     return p
 
 
@@ -50,7 +43,8 @@ def plot_gauss1d(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
     nll_path_se``; ``h_samples, nll_fit, nll_fit_se, w2_samples, w2_samples_se``; ``w2_floor``.
     """
     k = len(cases)
-    fig, axes = plt.subplots(2, k, figsize=(3.6 * k, 6.4), squeeze=False)
+    fig = _figure(3.6 * k, 6.4)
+    axes = fig.subplots(2, k, squeeze=False)
     for j, c in enumerate(cases):
         ax = axes[0, j]
         hg = _arr(c["h_grid"])
@@ -82,7 +76,6 @@ def plot_gauss1d(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
         if j == 0:
             ax.set_ylabel("W2 (not squared)")
             ax.legend(fontsize=7)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -91,7 +84,8 @@ def plot_samples_grid(data: np.ndarray, samples: Mapping[float, np.ndarray], pat
     """Data and model samples at several h, one panel each (2-D)."""
     items = [("data", np.asarray(data))] + [(f"h = {h:g}", np.asarray(s)) for h, s in samples.items()]
     k = len(items)
-    fig, axes = plt.subplots(1, k, figsize=(2.8 * k, 3.0), squeeze=False)
+    fig = _figure(2.8 * k, 3.0)
+    axes = fig.subplots(1, k, squeeze=False)
     for ax, (lab, pts) in zip(axes[0], items):
         pts = pts[np.all(np.isfinite(pts), axis=1)]
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, color="k" if lab == "data" else "C0")
@@ -103,14 +97,14 @@ def plot_samples_grid(data: np.ndarray, samples: Mapping[float, np.ndarray], pat
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_samples_single(samples: np.ndarray, path: str | os.PathLike, title: str = "",
                         data: np.ndarray | None = None, lim: float = 3.0) -> str:
     """One scatter plot of 2-D samples (optionally over the data in grey)."""
-    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    fig = _figure(3.6, 3.6)
+    ax = fig.subplots()
     if data is not None:
         ax.scatter(data[:, 0], data[:, 1], s=1, alpha=0.3, color="0.6", label="data")
     s = np.asarray(samples)
@@ -131,7 +125,8 @@ def plot_nll_h(path: str | os.PathLike, *, nll0: float, c1: float, c2: float | N
 
     The h = 0 point is the exact probability-flow NLL0 (with its standard error). FP markers
     carry their discretisation error estimate; unconverged values are drawn hollow."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig = _figure(5.2, 3.8)
+    ax = fig.subplots()
     hg = np.linspace(0.0, h_max, 101)
     ax.plot(hg, nll0 + c1 * hg, "C0--", label=f"WKB 1: NLL0 + h C1 (C1 = {c1:.3g})")
     if c2 is not None and math.isfinite(c2):
@@ -166,7 +161,8 @@ def plot_w2_h(path: str | os.PathLike, curves: Mapping[str, Mapping[str, Any]], 
               floor: Mapping[str, float] | None = None, title: str = "") -> str:
     """W2 (or W2^2) against h, one curve per label: ``{"h": .., "mean": .., "se": ..}``;
     ``floor``: per label, the same metric between two independent data sets (finite-n floor)."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig = _figure(5.2, 3.8)
+    ax = fig.subplots()
     for i, (lab, c) in enumerate(curves.items()):
         ax.errorbar(_arr(c["h"]), _arr(c["mean"]), yerr=_arr(c["se"]), fmt="o-", color=f"C{i}", ms=4, label=lab)
         if floor and lab in floor and floor[lab] is not None:
@@ -181,7 +177,8 @@ def plot_w2_h(path: str | os.PathLike, curves: Mapping[str, Mapping[str, Any]], 
 def plot_fd_vs_exact(path: str | os.PathLike, c1_exact: np.ndarray, c1_fd: Mapping[str, np.ndarray],
                      title: str = "") -> str:
     """Per-point C1: the paper's finite-difference algorithm against the exact value."""
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    fig = _figure(4.2, 4.0)
+    ax = fig.subplots()
     ce = np.asarray(c1_exact, float)
     allv = [ce]
     for i, (lab, v) in enumerate(c1_fd.items()):

@@ -1,0 +1,198 @@
+"""Run directories: config, checkpoint and loss files, and loading a trained model.
+
+Layout::
+
+    run_dir/config.json      the full TrainConfig (JSON), written atomically at the start
+    run_dir/checkpoint.eqx   one JSON header line, then equinox-serialised leaves of
+                             {params, ema, opt_state, epoch, step, key, losses}
+                             (header: format, version, epoch, step, d, network config,
+                             payload size and SHA-256, training-data hash)
+    run_dir/losses.csv       epoch,step,loss (mean DSM loss of each epoch)
+
+Every file is written to a temporary file in the same directory, fsynced and moved into
+place with ``os.replace``, so an interruption never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from hbar.networks import network_from_config
+from hbar.schedules import Schedule
+from hbar.serialization import atomic_write
+from hbar.training.config import TrainConfig, is_int, optimizer
+from hbar.validation import HbarInputError, check_points
+
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOSSES_FILE", "load_config", "load_checkpoint", "checkpoint_info",
+           "check_dimension"]
+
+CHECKPOINT_FILE = "checkpoint.eqx"
+CONFIG_FILE = "config.json"
+LOSSES_FILE = "losses.csv"
+_FORMAT = "hbar-checkpoint"
+_VERSION = 1
+
+
+def load_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig stored in ``run_dir/config.json``."""
+    p = os.path.join(os.fspath(run_dir), CONFIG_FILE)
+    if not os.path.isfile(p):
+        raise HbarInputError(f"no {CONFIG_FILE} in {os.fspath(run_dir)}: not a training run directory")
+    return TrainConfig.load(p)
+
+
+def losses_csv(losses: np.ndarray, spe: int) -> bytes:
+    lines = ["epoch,step,loss"]
+    lines += [f"{i + 1},{(i + 1) * spe},{v:.9g}" for i, v in enumerate(losses)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def payload_tree(params, ema, opt_state, epoch: int, step: int, key: Array, losses: np.ndarray) -> dict:
+    return {
+        "params": params,
+        "ema": ema,
+        "opt_state": opt_state,
+        "epoch": np.asarray(epoch, dtype=np.int64),
+        "step": np.asarray(step, dtype=np.int64),
+        "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key,
+                          dtype=np.uint32),
+        "losses": np.asarray(losses, dtype=np.float64),
+    }
+
+
+def save_checkpoint(run_dir: str, cfg: TrainConfig, tree: dict, extra: dict) -> None:
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, tree)
+    payload = buf.getvalue()
+    header = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "epoch": int(tree["epoch"]),
+        "step": int(tree["step"]),
+        "n_losses": int(tree["losses"].shape[0]),
+        "d": cfg.network["d"],
+        "network": cfg.network,
+        "seed": cfg.seed,
+        "payload_bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        **extra,
+    }
+    blob = json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+    atomic_write(os.path.join(run_dir, CHECKPOINT_FILE), blob)
+
+
+def _read_checkpoint_header(path: str) -> tuple[dict, bytes]:
+    if not os.path.isfile(path):
+        raise HbarInputError(f"no checkpoint found: {path}")
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    nl = blob.find(b"\n")
+    try:
+        header = json.loads(blob[:nl].decode()) if nl > 0 else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise HbarInputError(f"{path} is not an hbar checkpoint (missing or unreadable header)")
+    if header.get("version") != _VERSION:
+        raise HbarInputError(f"{path}: checkpoint format version {header.get('version')} is not supported (expected {_VERSION})")
+    payload = blob[nl + 1:]
+    if len(payload) != header.get("payload_bytes"):
+        raise HbarInputError(
+            f"{path} is truncated or corrupt: {len(payload)} bytes of weights, header says {header.get('payload_bytes')}"
+        )
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise HbarInputError(f"{path} is corrupt: SHA-256 of the weights does not match the header")
+    return header, payload
+
+
+def _templates(cfg: TrainConfig):
+    """(params, static, optimiser state) shaped like the config's network."""
+    net = network_from_config(cfg.network, jax.random.PRNGKey(0))
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    opt_state = optimizer(cfg.lr, cfg.grad_clip).init(params)
+    return params, static, opt_state
+
+
+def load_tree(path: str, cfg: TrainConfig) -> tuple[dict, dict, Any]:
+    """Read and verify a checkpoint against ``cfg``. Returns (header, tree, static)."""
+    header, payload = _read_checkpoint_header(path)
+    d_cfg = cfg.network.get("d")
+    if header.get("d") != d_cfg:
+        raise HbarInputError(
+            f"{path} holds a model for d={header.get('d')} but the config's network has d={d_cfg}"
+        )
+    if header.get("network") != cfg.network:
+        raise HbarInputError(
+            f"{path}: the network in the checkpoint {header.get('network')} does not match the config {cfg.network}"
+        )
+    params, static, opt_state = _templates(cfg)
+    like = payload_tree(params, params, opt_state, 0, 0, jnp.zeros((2,), jnp.uint32),
+                         np.zeros(int(header["n_losses"]), np.float64))
+    try:
+        tree = eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
+    except RuntimeError as err:
+        raise HbarInputError(f"{path}: weights do not match the architecture in the config ({err})") from err
+    except Exception as err:
+        raise HbarInputError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from err
+    return header, tree, static
+
+
+def load_checkpoint(
+    run_dir: str | os.PathLike, config: TrainConfig | None = None, ema: bool = True
+) -> tuple[Any, Schedule, TrainConfig]:
+    """(score_fn, schedule, config) from a run directory.
+
+    Rebuilds the network from the stored config (or ``config``), loads the EMA weights
+    (``ema=False``: the raw Adam weights) and returns it as a score function
+    ``score_fn(x (n, d), t) -> (n, d)``. A missing, truncated or corrupt checkpoint, or a
+    config whose architecture does not match the stored weights, raises HbarInputError."""
+    rd = os.fspath(run_dir)
+    if not os.path.isdir(rd):
+        raise HbarInputError(f"run directory not found: {rd}")
+    cfg = load_config(rd) if config is None else config
+    if cfg.network.get("d") is None:
+        raise HbarInputError("the config's network has no dimension 'd'; use the config.json of the run")
+    _, tree, static = load_tree(os.path.join(rd, CHECKPOINT_FILE), cfg)
+    score_fn = eqx.combine(tree["ema"] if ema else tree["params"], static)
+    return score_fn, cfg.schedule_obj(), cfg
+
+
+def checkpoint_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint header (epoch, step, d, network, ...) without loading weights."""
+    header, _ = _read_checkpoint_header(os.path.join(os.fspath(run_dir), CHECKPOINT_FILE))
+    return header
+
+
+def check_dimension(x_or_d: Any, source: Any) -> int:
+    """Check data (an (n, d) array or an int d) against a model's dimension.
+
+    ``source`` is a run directory, a TrainConfig (with resolved ``network.d``) or an hbar
+    network. Returns d; raises HbarInputError naming both dimensions when they differ."""
+    if is_int(x_or_d):
+        d = int(x_or_d)
+    else:
+        d = check_points(x_or_d, "data").shape[1]
+    if isinstance(source, (str, os.PathLike)):
+        what = f"the model in {os.fspath(source)}"
+        dm = load_config(source).network.get("d")
+    elif isinstance(source, TrainConfig):
+        what, dm = "the config's network", source.network.get("d")
+    elif hasattr(source, "d"):
+        what, dm = f"the {type(source).__name__}", source.d
+    else:
+        raise HbarInputError(f"check_dimension: cannot read a dimension from {type(source).__name__}")
+    if dm is None:
+        raise HbarInputError(f"{what} has no recorded dimension")
+    if int(dm) != d:
+        raise HbarInputError(f"data have dimension {d} but {what} was built for d={int(dm)}")
+    return d
