@@ -102,3 +102,62 @@ def test_datasets_lists_entropies():
         np.testing.assert_allclose([mean, se], want, atol=5.1e-4, err_msg=name)
         n_known += 1
     assert n_known >= 4
+
+
+# --- the new user's first hour: version, demo report, training flags, progress, cautions ----------
+
+def test_version():
+    import hbar
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"hbar {hbar.__version__}"
+
+
+def test_demo_report_printed_verbatim(tmp_path, monkeypatch):
+    """rich markup must not eat [...] in the report (drift of the formula, figure links)."""
+    from hbar.studies import paper2024
+
+    text = "dx = [ f(t) x - (1+h)/2 g(t)^2 s ] dt + sqrt(h) g dw\n![NLL(h)](figures/nll.png)\n[bold]x[/bold]\n"
+
+    def fake_demo(output, quick, seed, progress):
+        progress("stage", 1, 1)
+        (output / "report.md").write_text(text)
+
+    monkeypatch.setattr(paper2024, "run_demo", fake_demo)
+    (tmp_path / "demo").mkdir()
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert text in res.output
+
+
+def test_train_flags_on_a_small_user_csv(tmp_path):
+    """--data-path with fewer rows than the old default n_train, a pandas index column, --batch-size,
+    --lr, --network; plain progress lines off a terminal; the stored path is absolute."""
+    x = np.random.default_rng(0).normal(size=(40, 2))
+    p = tmp_path / "pts.csv"
+    p.write_text(",a,b\n" + "".join(f"{i},{r[0]},{r[1]}\n" for i, r in enumerate(x)))
+    args = ["train", "--data-path", str(p), "--run-dir", str(tmp_path / "run"), "--epochs", "3",
+            "--batch-size", "8", "--lr", "0.002", "--network", '{"name": "paper_mlp", "width": 8, "depth": 1}',
+            "--kl-h", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "looks like a row index" in res.output and "training" not in res.output
+    res = runner.invoke(app, args + ["--index-col", "0"])
+    assert res.exit_code == 0, res.output
+    assert "training (loss" in res.output  # plain progress line (not a terminal)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data_path"] == str(p) and cfg["n_train"] is None and cfg["lr"] == 0.002
+    assert cfg["batch_size"] == 8 and cfg["network"]["width"] == 8 and cfg["index_col"] == 0
+    res = runner.invoke(app, args + ["--index-col", "0"])
+    assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_nll_order2_cautions(run_dir):
+    x = np.load(run_dir / "x.npy") if (run_dir / "x.npy").exists() else None
+    if x is None:
+        from hbar.data import load_dataset
+
+        np.save(run_dir / "x.npy", load_dataset("swiss_roll", 8, seed=3))
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(run_dir / "x.npy"), "--order", "2", "--n", "2",
+                              "--h", "0.1,50"])
+    assert res.exit_code == 0, res.output
+    assert "warning: NLL(h=50) WKB-2 is outside the series' range of validity" in res.output

@@ -212,3 +212,24 @@ def test_load_points_errors(tmp_path):
     (tmp_path / "empty.csv").write_text("x,y\n")
     with pytest.raises(HbarInputError, match="no data rows"):
         load_points(tmp_path / "empty.csv")
+
+
+def test_csv_index_column_is_never_read_silently(tmp_path):
+    """A pandas-style index column (to_csv default) is refused with a clear message, or dropped
+    when asked; a header line is read as a header."""
+    x = np.random.default_rng(0).normal(size=(6, 2))
+    p = tmp_path / "pandas.csv"
+    p.write_text(",a,b\n" + "".join(f"{i},{r[0]},{r[1]}\n" for i, r in enumerate(x)))
+    with pytest.raises(HbarInputError, match="looks like a row index"):
+        load_points(p)
+    np.testing.assert_allclose(load_points(p, index_col=0), x)
+    assert load_points(p, index_col=False).shape == (6, 3)
+    q = tmp_path / "noheader.csv"  # no header, but the first column counts the rows
+    q.write_text("".join(f"{i},{r[0]},{r[1]}\n" for i, r in enumerate(x)))
+    with pytest.raises(HbarInputError, match="counts the rows"):
+        load_points(q)
+    ok = tmp_path / "plain.csv"
+    ok.write_text("a,b\n" + "".join(f"{r[0]},{r[1]}\n" for r in x))
+    np.testing.assert_allclose(load_points(ok), x)
+    with pytest.raises(HbarInputError, match="index_col=5"):
+        load_points(p, index_col=5)

@@ -50,3 +50,20 @@ def test_jet_polarization_equals_nested_jvps(d, m):
         ref = taylor_tensors(lambda z, i=i: field(z)[:, i], x, m)
         for k in range(m + 1):
             np.testing.assert_allclose(J[k][:, i], ref[k], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("reverse_first", [False, True])
+def test_taylor_tensors_column_orders_keep_only_the_wanted_derivatives(reverse_first):
+    """column_orders=[3, 1, 0, 2]: the k-th tensor holds exactly the columns with K_j >= k, equal
+    to the full computation's (no derivative beyond a column's order is returned)."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (3, 3))
+    phi = lambda z: field(z) ** 2 + jnp.sum(z, axis=1, keepdims=True) * field(z)[:, ::-1]  # (n, 3)
+    phi4 = lambda z: jnp.concatenate([phi(z), jnp.prod(z, axis=1, keepdims=True)], axis=1)  # (n, 4)
+    orders = [3, 1, 0, 2]
+    full = taylor_tensors(phi4, x, 3, reverse_first=reverse_first)
+    part = taylor_tensors(phi4, x, 3, reverse_first=reverse_first, column_orders=orders)
+    assert len(part) == 4
+    for k in range(4):
+        cols = [j for j, K in enumerate(orders) if K >= k]
+        assert part[k].shape == (3, len(cols)) + (3,) * k
+        np.testing.assert_allclose(part[k], full[k][:, cols], rtol=1e-12, atol=1e-12)

@@ -219,7 +219,7 @@ def test_per_point_and_batched_step_control_agree():
     np.testing.assert_allclose(a.c1, b.c1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.nll0, b.nll0, rtol=1e-6, atol=1e-6)
     per = a.extras["evals_backward_per_point"]
-    assert per.shape == (len(x),) and a.evals_backward == per.max()  # one vmapped chunk
+    assert per.shape == (len(x),) and a.evals_backward == per.max()  # one vmapped chunk: its slowest point
     assert np.all(b.extras["evals_backward_per_point"] == b.evals_backward)
     assert per.max() <= b.evals_backward  # each point's own control never needs more than the batch's
 

@@ -5,13 +5,15 @@ The h-family of backward processes dx = [f - (1+h)/2 g^2 s] dt + sqrt(h) g dw_ba
 exact likelihoods, WKB corrections in h, brute-force and closed-form references.
 """
 
-from hbar import data, metrics, networks, path, references, training  # noqa: E402  (submodules)
+from hbar import adapters, data, metrics, networks, path, references, training  # noqa: E402  (submodules)
 from hbar.likelihood import LikelihoodResult, bits_per_dim, nll
 from hbar.ode import ODEOptions
 from hbar.process import HProcess
 from hbar.sampling import SampleResult, sample
 from hbar.schedules import (
     CosineSchedule,
+    DDPMSchedule,
+    EDMSchedule,
     LinearSchedule,
     OUSchedule,
     Schedule,
@@ -28,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HProcess", "sample", "SampleResult", "nll", "LikelihoodResult", "bits_per_dim", "ODEOptions",
     "Schedule", "SimpleSchedule", "CosineSchedule", "VPLinearSchedule", "VESchedule", "OUSchedule",
-    "LinearSchedule", "schedule_from_config", "AffineScore", "GaussianMixtureScore", "PerturbedScore",
+    "LinearSchedule", "DDPMSchedule", "EDMSchedule", "schedule_from_config", "adapters", "AffineScore", "GaussianMixtureScore", "PerturbedScore",
     "gaussian_score", "HbarInputError", "enable_x64", "data", "metrics", "networks", "path",
     "references", "training",
 ]

@@ -4,6 +4,11 @@ Every command runs in float64 (likelihoods need it; switched on for the command 
 ``jax.enable_x64``); bad input ends with a one-line message naming the problem and exit code 2,
 never with a traceback or a silent number. ``demo`` and ``reproduce`` load the study package
 :mod:`hbar.studies.paper2024` (docs/theory.md section 10) only when they run.
+
+Options mean the same in every command (:data:`OPTIONS_HELP`): ``--n`` the number of points a
+command uses (train, nll, path-nll) or produces (sample); ``--h`` a comma-separated list of
+noise strengths (one value is a list of one); ``--out`` the file the result is written to,
+checked before anything is computed; ``--seed`` the PRNG seed; ``--steps`` steps of the time grid.
 """
 
 from __future__ import annotations
@@ -17,12 +22,23 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+OPTIONS_HELP = ("Options mean the same in every command: --n N is the number of points a command uses "
+                "(train: training points; nll, path-nll: the first N points of DATA) or produces (sample); "
+                "--h H1,H2,... is a list of noise strengths (one value is a list of one); --out FILE is where "
+                "the result goes (checked before anything is computed; JSON results are strict JSON, null for "
+                "NaN); --seed the PRNG seed; --steps the steps of the time grid. Every number is printed with "
+                "its error; cautions (low ESS, not converged, outside the series' range) are one 'warning:' "
+                "line each; progress is a bar on a terminal and a plain line every HBAR_PROGRESS_EVERY "
+                "seconds (default 10) otherwise.")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="hbar: diffusion models in the path-integral picture (h = noise strength; "
-                       "h = 1 reverse SDE, h = 0 probability-flow ODE).")
+                       "h = 1 reverse SDE, h = 0 probability-flow ODE).\n\n" + OPTIONS_HELP)
+#: ESS / paths below which a path-integral NLL is flagged (the weights rest on a few paths)
+LOW_ESS = 0.1
 console = Console(stderr=True)
 out = Console()
 
@@ -31,15 +47,23 @@ out = Console()
 def _errors():
     """Run a command body in float64 and turn library input errors into a clear message and
     exit code 2."""
+    import warnings
+
     import jax
 
     from hbar.validation import HbarInputError
 
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+
     try:
-        with jax.enable_x64(True):
+        with jax.enable_x64(True), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = one_line
             yield
     except HbarInputError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {rich_escape(str(err))}")
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages and checkpoints are kept; rerun the same "
@@ -47,9 +71,63 @@ def _errors():
         raise typer.Exit(code=130) from None
 
 
-def _progress() -> Progress:
+class _PlainProgress:
+    """Progress for a non-terminal (a cluster log, a pipe): one plain line per task at most every
+    ``every`` seconds and at completion, instead of a bar rich would only draw at the end.
+    Same add_task / update interface as rich's Progress; nothing is printed before the first
+    update, so validation errors come first."""
+
+    def __init__(self, every: float = 10.0):
+        self.every, self.tasks = every, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        self.tasks[len(self.tasks)] = {"desc": description, "total": total, "done": 0, "last": 0.0,
+                                       "t0": time.perf_counter(), "finished": False}
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: float | None = None, total: float | None = None,
+               description: str | None = None, **_: Any) -> None:
+        st = self.tasks[task]
+        st.update({k: v for k, v in (("done", completed), ("total", total), ("desc", description)) if v is not None})
+        now = time.perf_counter()
+        done = st["total"] is not None and st["done"] >= st["total"]
+        if (now - st["last"] >= self.every or done) and not st["finished"]:
+            st["last"], st["finished"] = now, done
+            tot = "?" if st["total"] is None else f"{st['total']:g}"
+            console.print(f"{st['desc']}: {st['done']:g}/{tot} ({now - st['t0']:.0f} s)", markup=False,
+                          highlight=False)
+
+
+def _progress():
+    """A rich bar on a terminal, plain periodic lines otherwise (HBAR_PROGRESS_EVERY seconds)."""
+    import os
+
+    if not console.is_terminal:
+        return _PlainProgress(float(os.environ.get("HBAR_PROGRESS_EVERY", "10")))
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hbar import __version__
+
+        out.print(f"hbar {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the hbar version and exit")] = False,
+) -> None:
+    """hbar: diffusion models in the path-integral picture."""
 
 
 class _StageBars:
@@ -76,16 +154,93 @@ def _parse_floats(text: str, name: str) -> list[float]:
     return vals
 
 
+def _parse_int(text: str, name: str) -> int:
+    from hbar.validation import HbarInputError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise HbarInputError(f"{name} must be an integer or 'all', got {text!r}") from None
+
+
+def _parse_network(text: str) -> dict:
+    from hbar.validation import HbarInputError
+
+    text = text.strip()
+    if not text.startswith("{"):
+        return {"name": text}
+    try:
+        net = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HbarInputError(f"--network: not a name or a JSON object ({err})") from None
+    if not isinstance(net, dict):
+        raise HbarInputError("--network: a JSON object expected")
+    return net
+
+
+def _check_out(path: Path | None, suffixes: tuple[str, ...], option: str = "--out") -> Path | None:
+    """Check an output path before any computation: a known suffix, not a directory, an
+    existing writable parent directory (HbarInputError otherwise)."""
+    import os
+
+    from hbar.validation import HbarInputError
+
+    if path is None:
+        return None
+    if path.suffix.lower() not in suffixes:
+        raise HbarInputError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise HbarInputError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise HbarInputError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise HbarInputError(f"{option} {path}: not writable")
+    return path
+
+
+def _strict(v: Any) -> Any:
+    """A JSON-ready copy of v: NumPy arrays and scalars as lists / numbers, NaN and +-inf as None."""
+    import math
+
+    import numpy as np
+
+    if isinstance(v, dict):
+        return {str(k): _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _strict(v.tolist())
+    if isinstance(v, np.generic):
+        return _strict(v.item())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write payload as strict JSON (null for NaN / inf), atomically."""
+    from hbar.serialization import atomic_write
+
+    atomic_write(path, (json.dumps(_strict(payload), allow_nan=False, indent=1) + "\n").encode("utf-8"))
+
+
+def _warn(msg: str) -> None:
+    console.print(f"warning: {' '.join(msg.split())}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _fmt(ms: tuple[float, float] | None) -> str:
     return "-" if ms is None else f"{ms[0]:.4f} ± {ms[1]:.4f}"
 
 
-def _load_model_and_data(run_dir: Path, data: Path, n: int | None):
+def _load_model_and_data(run_dir: Path, data: Path, n: int | None, index_col: int | None = None):
     from hbar.data import load_points
     from hbar.training import check_dimension, load_checkpoint
 
     score, schedule, cfg = load_checkpoint(run_dir)
-    x = load_points(str(data))
+    x = load_points(str(data), index_col=None if index_col is None else (False if index_col < 0 else index_col))
     check_dimension(x, run_dir)
     if n is not None:
         x = x[:n]
@@ -103,11 +258,23 @@ def train(
     paper: Annotated[bool, typer.Option(help="the paper's setting: 3000 points, batch 512, lr 1e-3, 16000 epochs")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in run-dir")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in run-dir")] = False,
-    kl_h: Annotated[str, typer.Option(help="h values for the path-KL bound report")] = "0.25,1,2",
-    seed: Annotated[int | None, typer.Option()] = None,
+    kl_h: Annotated[str, typer.Option("--h", "--kl-h", help="noise strengths h (a list) of the path-KL bound "
+                                                             "report")] = "0.25,1,2",
+    seed: Annotated[int | None, typer.Option(help="PRNG seed of initialisation and training")] = None,
+    n_train: Annotated[str | None, typer.Option("--n", "--n-train", help="number of training points: a number, "
+                                                                          "or 'all' rows of --data-path")] = None,
+    test_path: Annotated[Path | None, typer.Option(help="held-out points (.npy/.csv) for the test loss")] = None,
+    index_col: Annotated[int | None, typer.Option(help="CSV: drop this column (a row index); -1: keep all")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="minibatch size (at most the number of points)")] = None,
+    network: Annotated[str | None, typer.Option(help="network: a name (paper_mlp | time_embed_mlp) or a JSON "
+                                                     "object, e.g. '{\"name\": \"paper_mlp\", \"width\": 64}'")] = None,
+    output: Annotated[Path | None, typer.Option("--out", help="write the training summary and the path-KL "
+                                                               "table as JSON")] = None,
 ) -> None:
     """Train a score network by denoising score matching (g^2 weighting by default)."""
     with _errors():
+        _check_out(output, (".json",))
         import jax
 
         from hbar.path import path_kl_bound
@@ -118,13 +285,25 @@ def train(
         if dataset is not None:
             overrides.update(dataset=dataset, data_path=None)
         if data_path is not None:
-            overrides.update(data_path=str(data_path), dataset=None)
+            overrides.update(data_path=str(data_path), dataset=None, n_train=None)  # all rows unless --n-train
         if schedule is not None:
             overrides["schedule"] = {"name": schedule}
         if epochs is not None:
             overrides["epochs"] = epochs
         if seed is not None:
             overrides["seed"] = seed
+        if n_train is not None:
+            overrides["n_train"] = n_train if n_train.strip().lower() == "all" else _parse_int(n_train, "--n")
+        if test_path is not None:
+            overrides["test_path"] = str(test_path)
+        if index_col is not None:
+            overrides["index_col"] = False if index_col < 0 else index_col
+        if lr is not None:
+            overrides["lr"] = lr
+        if batch_size is not None:
+            overrides["batch_size"] = batch_size
+        if network is not None:
+            overrides["network"] = _parse_network(network)
         if config is not None:
             cfg = TrainConfig.load(config)
             cfg = cfg.replace(**overrides) if overrides else cfg
@@ -139,12 +318,14 @@ def train(
         else:
             base = TrainConfig(dataset="swiss_roll", epochs=2000)
             cfg = base.replace(**overrides) if overrides else base
-        hs = _parse_floats(kl_h, "--kl-h")
+        hs = _parse_floats(kl_h, "--h")
         with _progress() as prog:
-            task = prog.add_task("training", total=None)
+            task: list[Any] = []  # created at the first report, after the config and data are validated
 
             def cb(step: int, total: int, loss: float) -> None:
-                prog.update(task, completed=step, total=total, description=f"training (loss {loss:.4f})")
+                if not task:
+                    task.append(prog.add_task("training", total=total))
+                prog.update(task[0], completed=step, total=total, description=f"training (loss {loss:.4f})")
 
             res = run_train(cfg, run_dir, resume=resume, progress=cb, overwrite=overwrite)
         out.print(f"trained {res.epochs_done} epochs ({res.steps_done} steps) in {res.seconds:.1f} s; "
@@ -159,18 +340,37 @@ def train(
         for h, fac, v, se in zip(kl.hs, kl.factor, kl.kl_up_to_constant, kl.kl_up_to_constant_se):
             table.add_row(f"{h:g}", f"{fac:.4f}", f"{v:.4f}", f"{se:.4f}")
         out.print(table)
+        if output is not None:
+            _write_json(output, {
+                "command": "train", "run_dir": str(run_dir), "config": res.config.to_dict(),
+                "epochs_done": res.epochs_done, "steps_done": res.steps_done, "seconds": res.seconds,
+                "final_epoch_loss": float(res.losses[-1]),
+                "test_loss": None if res.test_loss is None else {"mean": res.test_loss[0], "se": res.test_loss[1]},
+                "path_kl_bound": [{"h": h, "factor": fac, "kl_up_to_constant": v, "se": se}
+                                  for h, fac, v, se in zip(kl.hs, kl.factor, kl.kl_up_to_constant,
+                                                           kl.kl_up_to_constant_se)],
+            })
+            out.print(f"-> {output}")
 
 
 @app.command()
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="training run directory")],
-    h: Annotated[float, typer.Option(help="noise strength h >= 0 (0: probability-flow ODE, 1: reverse SDE)")] = 1.0,
-    n: Annotated[int, typer.Option(help="number of samples")] = 1000,
+    h: Annotated[str, typer.Option(help="noise strength(s) h >= 0, a list (0: probability-flow ODE, 1: reverse "
+                                        "SDE); several values need an .npz --out")] = "1",
+    n: Annotated[int, typer.Option(help="number of samples (per h)")] = 1000,
     steps: Annotated[int, typer.Option(help="fixed steps (euler / heun)")] = 1000,
-    method: Annotated[str, typer.Option(help="euler | heun | adaptive (h = 0 only)")] = "euler",
-    seed: Annotated[int, typer.Option()] = 0,
+    method: Annotated[str, typer.Option(help="euler | heun (fast scan) | adaptive (h = 0 ODE) | sde (diffrax, "
+                                             "adaptive)")] = "euler",
+    solver: Annotated[str, typer.Option(help="--method sde: shark (order 1.5, default) | sra1 | heun | euler")] = "shark",
+    h_window: Annotated[str | None, typer.Option(help="T_LO,T_HI: use --h only for t in [T_LO, T_HI] and --h-out "
+                                                      "elsewhere (EDM's S_tmin/S_tmax churn window)")] = None,
+    h_out: Annotated[float, typer.Option(help="h outside --h-window")] = 0.0,
+    seed: Annotated[int, typer.Option(help="PRNG seed (the same for every h: common random numbers)")] = 0,
     bound: Annotated[float | None, typer.Option(help="count trajectories leaving [-bound, bound]^d as failed")] = None,
-    output: Annotated[Path, typer.Option("--out", help="output .npy (samples) ")] = Path("samples.npy"),
+    batch_size: Annotated[int | None, typer.Option(help="sample in batches of this size (progress per batch)")] = None,
+    output: Annotated[Path, typer.Option("--out", help="output .npy (one h: the (n, d) samples) or .npz (arrays "
+                                                       "h (m,), samples (m, n, d), valid (m, n))")] = Path("samples.npy"),
 ) -> None:
     """Sample a trained model with the h-family sampler."""
     with _errors():
@@ -178,44 +378,82 @@ def sample(
         import numpy as np
 
         from hbar import sample as run_sample
+        from hbar.sampling import SDEOptions
+        from hbar.sampling import h_window as make_window
         from hbar.training import load_checkpoint
+        from hbar.validation import HbarInputError, check_h
 
+        hs = [float(v) for v in check_h(_parse_floats(h, "--h"), "--h")]
+        _check_out(output, (".npy", ".npz"))
+        if len(hs) > 1 and output.suffix.lower() != ".npz":
+            raise HbarInputError(f"--h has {len(hs)} values: --out must end in .npz (one array per h), got {output}")
+        window = None
+        if h_window is not None:
+            lo, hi = (_parse_floats(h_window, "--h-window") + [None, None])[:2]
+            window = (lo, hi if hi is not None else lo)
+            for hv in hs:
+                make_window(hv, *window, h_out)  # checks the window before anything runs
         score, schedule, cfg = load_checkpoint(run_dir)
         t0 = time.perf_counter()
-        res = run_sample(score, schedule, jax.random.PRNGKey(seed), n, h, steps=steps, method=method,
-                         d=cfg.network["d"], bound=bound)
-        np.save(output, res.samples)
-        out.print(f"{n} samples at h={h:g} ({method}, {res.nfe} score evaluations) in "
-                  f"{time.perf_counter() - t0:.2f} s -> {output}; failed trajectories: {res.n_failed}")
+        results = []
+        with _progress() as prog:
+            task: list[Any] = []
+            for i, hv in enumerate(hs):
+                h_arg: Any = hv if window is None else make_window(hv, *window, h_out)
+
+                def cb(done: int, tot: int, i: int = i) -> None:
+                    if not task:
+                        task.append(prog.add_task("sampling", total=n * len(hs)))
+                    prog.update(task[0], completed=i * n + done)
+
+                results.append(run_sample(score, schedule, jax.random.PRNGKey(seed), n, h_arg, steps=steps,
+                                          method=method, d=cfg.network["d"], bound=bound, batch_size=batch_size,
+                                          sde_options=SDEOptions(solver=solver), progress=cb))
+        if output.suffix.lower() == ".npz":
+            np.savez(output, h=np.asarray(hs), samples=np.stack([r.samples for r in results]),
+                     valid=np.stack([r.valid for r in results]))
+        else:
+            np.save(output, results[0].samples)
+        for hv, res in zip(hs, results):
+            h_txt = f"{hv:g}" if window is None else f"{hv:g} on t in [{h_window}], {h_out:g} elsewhere"
+            out.print(f"{n} samples at h={h_txt} ({method}, {res.nfe} score evaluations); failed trajectories: "
+                      f"{res.n_failed}")
+        out.print(f"{time.perf_counter() - t0:.2f} s -> {output}")
 
 
 @app.command()
 def nll(
     run_dir: Annotated[Path, typer.Argument(help="training run directory")],
     data: Annotated[Path, typer.Argument(help="points (.npy or .csv), shape (n, d)")],
-    order: Annotated[int, typer.Option(help="0: NLL at h=0; 1: + C1; 2: + C2")] = 1,
-    method: Annotated[str, typer.Option(help="auto (exact characteristics below d = 16, one-loop estimator from "
-                                             "there) | characteristics | one-loop | finite-difference (paper's baseline)")] = "auto",
+    order: Annotated[int, typer.Option(help="0: NLL at h=0; 1: + C1; 2: + C2 (default 0, as hbar.nll)")] = 0,
+    method: Annotated[str, typer.Option(help="auto (exact characteristics below d = 16, one-loop estimator "
+                                             "from there) | characteristics | one-loop | finite-difference")] = "auto",
     probes: Annotated[int, typer.Option(help="one-loop: C1 samples per point")] = 16,
     steps: Annotated[int, typer.Option(help="one-loop: steps of the fixed fluctuation grid")] = 128,
     seed: Annotated[int, typer.Option(help="PRNG seed of the one-loop samples / Hutchinson probes")] = 0,
     rtol: Annotated[float, typer.Option()] = 1e-5,
     atol: Annotated[float, typer.Option()] = 1e-5,
     bound: Annotated[float | None, typer.Option(help="fail trajectories leaving [-bound, bound]^d")] = None,
-    n: Annotated[int | None, typer.Option(help="use only the first n points")] = None,
-    h: Annotated[str, typer.Option(help="h values at which to print the WKB expansion")] = "0.05,0.1,0.2",
+    n: Annotated[int | None, typer.Option(help="number of points: use only the first N points of DATA")] = None,
+    h: Annotated[str, typer.Option(help="noise strengths h (a list) at which to print the WKB expansion")] = "0.05,0.1,0.2",
     output: Annotated[Path | None, typer.Option("--out", help="write per-point results as JSON")] = None,
+    index_col: Annotated[int | None, typer.Option(help="CSV: drop this column (a row index); -1: keep all")] = None,
+    force: Annotated[bool, typer.Option(help="allow order 2 above d = 4 (cost grows like d^3 per step)")] = False,
 ) -> None:
     """NLL at h = 0 and the WKB coefficients C1, C2 (exact, by characteristics)."""
     with _errors():
         import jax
-        import numpy as np
 
         from hbar import nll as run_nll
         from hbar.ode import ODEOptions
+        from hbar.validation import HbarInputError
 
-        score, schedule, _, x = _load_model_and_data(run_dir, data, n)
+        _check_out(output, (".json",))
+        score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col)
         hs = _parse_floats(h, "--h")
+        if order >= 2 and x.shape[1] > 4 and not force:
+            raise HbarInputError(f"--order 2 in d = {x.shape[1]} needs third derivatives of the network along every "
+                                 "characteristic (minutes per point above d = 4); use --order 1, or pass --force")
         t0 = time.perf_counter()
         with _progress() as prog:
             task = prog.add_task("likelihood", total=len(x))
@@ -239,40 +477,150 @@ def nll(
         table.add_row("failed trajectories", str(res.n_failed))
         table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
         out.print(table)
+        cautions = _nll_cautions(res, hs, order)
+        for msg in cautions:
+            _warn(msg)
         if output is not None:
-            payload = {"summary": res.summary(), "nll0": res.nll0.tolist(), "valid": res.valid.tolist(),
-                       "c1": None if res.c1 is None else res.c1.tolist(),
-                       "c1_se": None if res.c1_se is None else res.c1_se.tolist(),
-                       "c2": None if res.c2 is None else res.c2.tolist()}
-            output.write_text(json.dumps(payload, default=lambda o: np.asarray(o).tolist()))
+            payload = {"command": "nll", "summary": res.summary(), "nll0": res.nll0, "valid": res.valid,
+                       "c1": res.c1, "c1_se": res.c1_se, "c2": res.c2, "warnings": cautions}
+            if order >= 1:
+                payload["wkb"] = [{"h": hv, "order": order, "nll": float(res.nll(hv))} for hv in hs]
+            _write_json(output, payload)
+
+
+def _nll_cautions(res: Any, hs: list[float], order: int) -> list[str]:
+    """One-line cautions for the nll numbers: failed points, an imprecise C2, and WKB values at
+    h outside the series' range of validity (hbar.series: truncation error and radius |C1/C2|)."""
+    import numpy as np
+
+    msgs = []
+    if res.n_failed:
+        msgs.append(f"{res.n_failed} point(s) failed and are left out of every mean")
+    if order >= 2 and res.c2 is not None:
+        c2, c2_se = res.c2_mean
+        if not np.isfinite(c2_se) or c2_se > 0.5 * abs(c2):
+            msgs.append(f"C2 = {c2:.4g} ± {c2_se:.2g} is not resolved by these points (s.e. > |C2|/2): "
+                        "use more points before trusting h^2 terms")
+        try:
+            ev = res.nll(np.asarray(hs, dtype=float), validity=True)
+            for i, hv in enumerate(ev.h):
+                if not bool(ev.trusted[i]):
+                    msgs.append(f"NLL(h={hv:g}) WKB-{order} is outside the series' range of validity: estimated "
+                                f"truncation error {ev.truncation_error[i]:.2g} nats, {100 * ev.frac_inside[i]:.0f}% "
+                                f"of points have h < radius/2 (median radius |C1/C2| = {ev.radius_median:.3g})")
+        except Exception as err:  # noqa: BLE001 - a caution must never hide the table
+            msgs.append(f"could not assess the series' validity ({type(err).__name__}: {err})")
+    return msgs
 
 
 @app.command("path-nll")
 def path_nll_cmd(
     run_dir: Annotated[Path, typer.Argument(help="training run directory")],
     data: Annotated[Path, typer.Argument(help="points (.npy or .csv), shape (n, d)")],
-    h: Annotated[str, typer.Option(help="h values > 0")] = "0.1,0.5,1",
-    paths: Annotated[int, typer.Option(help="importance-sampled paths per point")] = 256,
-    steps: Annotated[int, typer.Option(help="Euler steps of the discretised model")] = 100,
-    n: Annotated[int | None, typer.Option(help="use only the first n points")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    h: Annotated[str, typer.Option(help="noise strengths h > 0 (a list)")] = "0.1,0.5,1",
+    paths: Annotated[int, typer.Option(help="importance-sampled paths per point (first level with --tol)")] = 256,
+    steps: Annotated[int, typer.Option(help="Euler steps (first level of the ladder with --tol)")] = 100,
+    grid: Annotated[str, typer.Option(help="time grid: log-snr (resolves t_min) | edm | uniform")] = "log-snr",
+    tol: Annotated[float | None, typer.Option(help="converge in steps (and paths) to this NLL tolerance, "
+                                                   "reporting MC and discretisation errors")] = None,
+    max_steps: Annotated[int, typer.Option(help="--tol: largest step count of the ladder")] = 3200,
+    n: Annotated[int | None, typer.Option(help="number of points: use only the first N points of DATA")] = None,
+    seed: Annotated[int, typer.Option(help="PRNG seed of the paths")] = 0,
+    output: Annotated[Path | None, typer.Option("--out", help="write the results (per h and per point) as JSON")] = None,
+    index_col: Annotated[int | None, typer.Option(help="CSV: drop this column (a row index); -1: keep all")] = None,
 ) -> None:
-    """Path-integral Monte Carlo NLL of the time-discretised h-model (any h > 0, any d)."""
+    """Path-integral Monte Carlo NLL of the h-model (any h > 0, any d); with --tol, step-converged.
+    Flags values with ESS / paths below LOW_ESS (0.1) or not converged, as one warning line each."""
     with _errors():
         import jax
 
-        from hbar.path import path_nll
+        from hbar.path import converged_path_nll, path_nll
 
-        score, schedule, _, x = _load_model_and_data(run_dir, data, n)
-        hs = _parse_floats(h, "--h")
-        res = path_nll(score, schedule, x, hs, jax.random.PRNGKey(seed), n_paths=paths, steps=steps)
-        table = Table(title=f"path-integral NLL ({steps} Euler steps, {paths} paths/point; biased high by ~bias)")
-        for col in ("h", "NLL", "s.e.", "bias", "ESS min", "ESS median"):
-            table.add_column(col)
-        for i, hv in enumerate(res.hs):
-            table.add_row(f"{hv:g}", f"{res.nll[i]:.4f}", f"{res.se[i]:.4f}", f"{res.bias[i]:.2e}",
-                          f"{res.ess_min[i]:.2f}", f"{res.ess_median[i]:.2f}")
+        _check_out(output, (".json",))
+        score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col)
+        hs = _parse_floats(h, "--h")  # checked (h > 0) by the library before any progress is drawn
+        payload: dict[str, Any] = {"command": "path-nll", "run_dir": str(run_dir), "data": str(data),
+                                   "n_points": int(x.shape[0]), "grid": grid, "seed": seed,
+                                   "low_ess_threshold": LOW_ESS}
+        warnings_: list[str] = []
+        with _progress() as prog:
+            task: list[Any] = []
+
+            def show(done: float, total: float, what: str) -> None:
+                if not task:
+                    task.append(prog.add_task(what, total=total))
+                prog.update(task[0], completed=done, total=total)
+
+            if tol is not None:
+                seen: list[float] = []
+
+                def cb_tol(hv: float, level: int, n_levels: int) -> None:
+                    if hv not in seen:
+                        seen.append(hv)
+                    show((len(seen) - 1) * n_levels + level, len(hs) * n_levels, "path-integral NLL (levels)")
+
+                cr = converged_path_nll(score, schedule, x, hs, jax.random.PRNGKey(seed), tol=tol, grid=grid,
+                                        steps0=steps, max_steps=max_steps, n_paths=paths, progress=cb_tol)
+            else:
+                base = [0]
+
+                def cb(done: int, total: int) -> None:
+                    show(base[0] + done, len(hs) * total, "path-integral NLL (points x h)")
+                    if done >= total:
+                        base[0] += total
+
+                res = path_nll(score, schedule, x, hs, jax.random.PRNGKey(seed), n_paths=paths, steps=steps,
+                               grid=grid, progress=cb)
+        if tol is not None:
+            table = Table(title=f"converged path-integral NLL (grid {grid}, tol {tol:g}; nats, ± total error = "
+                                "MC s.e. and discretisation error in quadrature)")
+            for col in ("h", "NLL ± error", "MC s.e.", "discretisation", "converged", "steps", "paths", "order",
+                        "ESS/paths min", "flags"):
+                table.add_column(col)
+            rows = cr.rows()
+            for row in rows:
+                row["flags"] = _path_flags(row["ess_min"], row["converged"])
+                table.add_row(f"{row['h']:g}", f"{row['nll']:.4f} ± {row['total_error']:.4f}", f"{row['mc_se']:.1e}",
+                              f"{row['disc_error']:.1e}", "yes" if row["converged"] else "NO", str(row["steps"]),
+                              str(row["n_paths"]), f"{row['observed_order']:.2f}", f"{row['ess_min']:.2f}",
+                              ", ".join(row["flags"]) or "-")
+            warnings_ += [f"path-nll {f}" for f in cr.flags]
+            payload.update(mode="converged", tol=tol, rows=rows, ladder=cr.ladder,
+                           nll_points=[{"h": hv, "nll": pts} for hv, pts in zip(hs, cr.nll_points)])
+        else:
+            table = Table(title=f"path-integral NLL ({res.steps} Euler steps on the {grid} grid, {paths} paths/point; "
+                                "nats, ± s.e. over points; not step-converged: use --tol)")
+            for col in ("h", "NLL ± s.e.", "MC s.e.", "bias", "ESS/paths min", "ESS/paths median", "flags"):
+                table.add_column(col)
+            rows = res.rows()
+            for row in rows:
+                row["flags"] = _path_flags(row["ess_min"], None)
+                table.add_row(f"{row['h']:g}", f"{row['nll']:.4f} ± {row['se']:.4f}", f"{row['mc_se']:.4f}",
+                              f"{row['bias']:.2e}", f"{row['ess_min']:.2f}", f"{row['ess_median']:.2f}",
+                              ", ".join(row["flags"]) or "-")
+            payload.update(mode="fixed", steps=res.steps, n_paths=paths, rows=rows,
+                           points=[{"h": r.h, "nll": r.nll, "se": r.se, "ess": r.ess / r.n_paths} for r in res.results])
+        for row in rows:
+            if row["ess_min"] < LOW_ESS or not row["ess_min"] == row["ess_min"]:
+                warnings_.append(
+                    f"path-nll h={row['h']:g}: low ESS, ESS/paths down to {row['ess_min']:.3f} (median "
+                    f"{row['ess_median']:.3f}) < {LOW_ESS:g}: a few paths carry the importance weights, so this NLL "
+                    "and its error are unreliable (typically too high); use more --paths, --tol, or a better score")
         out.print(table)
+        for msg in warnings_:
+            _warn(msg)
+        if output is not None:
+            payload["warnings"] = warnings_
+            _write_json(output, payload)
+            out.print(f"-> {output}")
+
+
+def _path_flags(ess_min: float, converged: bool | None) -> list[str]:
+    """Flags of one path-nll row: 'low ESS' (ESS/paths < LOW_ESS, or NaN), 'not converged'."""
+    flags = [] if ess_min >= LOW_ESS else ["low ESS"]
+    if converged is False:
+        flags.append("not converged")
+    return flags
 
 
 def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: str) -> None:
@@ -287,7 +635,7 @@ def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: st
         report = Path(output) / report_name
         out.print(f"{which} finished in {time.perf_counter() - t0:.0f} s; report: {report}")
         if report.exists() and which == "run_demo":
-            out.print(report.read_text())
+            out.print(report.read_text(), markup=False, highlight=False, emoji=False)  # [..] is text, not markup
 
 
 @app.command()

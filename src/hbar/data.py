@@ -713,10 +713,14 @@ def mixture_spec(name: str, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, np.n
 # user data files
 
 
-def _read_text_table(path: str) -> np.ndarray:
+_INDEX_NAMES = {"", "unnamed: 0", "index", "idx", "id", "#"}
+
+
+def _read_text_table(path: str) -> tuple[np.ndarray, list[str] | None]:
     """Parse a comma (or whitespace) separated table of numbers. A first line that is not
-    numeric is taken as a header; lines starting with '#' and blank lines are skipped."""
+    numeric is the header (returned); lines starting with '#' and blank lines are skipped."""
     rows: list[list[float]] = []
+    header: list[str] | None = None
     ncol = None
     with open(path, encoding="utf-8") as fh:
         try:
@@ -734,6 +738,7 @@ def _read_text_table(path: str) -> np.ndarray:
         except ValueError:
             if first_data and not rows:
                 first_data = False  # header line
+                header = tokens
                 continue
             bad = next(t for t in tokens if not _is_float(t))
             raise HbarInputError(f"{path}, line {lineno}: cannot read {bad!r} as a number") from None
@@ -745,7 +750,20 @@ def _read_text_table(path: str) -> np.ndarray:
         rows.append(vals)
     if not rows:
         raise HbarInputError(f"{path}: no data rows found")
-    return np.asarray(rows, dtype=np.float64)
+    return np.asarray(rows, dtype=np.float64), header
+
+
+def _looks_like_index(arr: np.ndarray, header: list[str] | None) -> str | None:
+    """Why the first column looks like a row index (pandas' ``to_csv`` writes one), or None."""
+    if header is not None and len(header) == arr.shape[1] and header[0].strip().strip('"').lower() in _INDEX_NAMES:
+        return f"its header is {header[0]!r}"
+    if header is not None and len(header) == arr.shape[1] - 1:
+        return "the header has one name fewer than the rows have columns"
+    col = arr[:, 0]
+    if arr.shape[1] > 1 and arr.shape[0] > 2 and (np.array_equal(col, np.arange(arr.shape[0]))
+                                                   or np.array_equal(col, np.arange(1, arr.shape[0] + 1))):
+        return "it counts the rows (0, 1, 2, ... or 1, 2, 3, ...)"
+    return None
 
 
 def _is_float(t: str) -> bool:
@@ -756,9 +774,15 @@ def _is_float(t: str) -> bool:
         return False
 
 
-def load_points(path: str | os.PathLike, d: int | None = None) -> np.ndarray:
+def load_points(path: str | os.PathLike, d: int | None = None, index_col: int | bool | None = None) -> np.ndarray:
     """Read user data points from ``.npy``, ``.npz`` (a single array, or key 'x' / 'data'),
     ``.csv`` or ``.txt`` (comma or whitespace separated, optional header line).
+
+    Text tables: a first line that is not numeric is the header. Nothing is guessed
+    silently about an index column: ``index_col=None`` (default) reads every column as data
+    but raises HbarInputError when the first column looks like a row index (pandas'
+    ``to_csv`` default: an empty or 'Unnamed: 0' header, or values 0, 1, 2, ...);
+    ``index_col=k`` drops column k; ``index_col=False`` keeps every column without checking.
 
     Returns a float64 (n, d) array (a 1-D array is read as (n, 1)). Missing or unreadable
     files, non-numeric entries, NaN/inf, wrong rank, or a dimension different from ``d``
@@ -787,7 +811,18 @@ def load_points(path: str | os.PathLike, d: int | None = None) -> np.ndarray:
         except Exception as err:
             raise HbarInputError(f"{p}: not a readable .npz file ({type(err).__name__}: {err})") from err
     elif ext in (".csv", ".txt", ".tsv", ".dat"):
-        arr = _read_text_table(p)
+        arr, header = _read_text_table(p)
+        if index_col is None:
+            why = _looks_like_index(arr, header)
+            if why is not None:
+                raise HbarInputError(
+                    f"{p}: the first column looks like a row index ({why}); pass index_col=0 (CLI: --index-col 0) "
+                    "to drop it, or index_col=False (CLI: --index-col -1) to read it as data")
+        elif index_col is not False:
+            k = int(index_col)
+            if not 0 <= k < arr.shape[1] or arr.shape[1] < 2:
+                raise HbarInputError(f"{p}: index_col={k} but the table has {arr.shape[1]} column(s)")
+            arr = np.delete(arr, k, axis=1)
     else:
         raise HbarInputError(f"{p}: unsupported file type {ext!r}; use .npy, .npz, .csv or .txt")
     if arr.dtype.kind not in "fiu":

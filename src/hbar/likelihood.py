@@ -12,10 +12,12 @@ along it (unbiased for the log-likelihood, since the estimate is linear in the i
 For order >= 1 the backward characteristic solve of :mod:`hbar.wkb` adds the WKB
 coefficients, NLL(h) = NLL0 + h C1 + h^2 C2 + O(h^3) per point (docs/theory.md sections 5, 6).
 
-Solves are batched over points with the max-norm error controller of :mod:`hbar.ode`, so
-each point meets the tolerance. If a batched solve fails, the batch is solved again point
-by point to find the failing trajectories, which are reported (``valid``, ``n_failed``),
-never dropped silently.
+Each point meets the tolerance: a batch shares one step size under the max-norm error
+controller of :mod:`hbar.ode` (``batching="batch"``; "auto" uses it with batches capped in high
+dimension), or with ``batching="per-point"`` the single-point solve is vmapped over a batch so
+that every point has its own step-size control. If a
+batched solve fails, the batch is solved again point by point to find the failing
+trajectories, which are reported (``valid``, ``n_failed``), never dropped silently.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from jax import Array
 
 from hbar.ode import ODEOptions, all_finite_rows
-from hbar.one_loop import fluctuation_grid, one_loop_ell1
+from hbar.one_loop import fluctuation_grid, ladder_grids, ladder_result, one_loop_ell1
 from hbar.precision import in_float64
 from hbar.probability_flow import pf_log_likelihood
 from hbar.process import HProcess
@@ -106,13 +108,25 @@ class LikelihoodResult:
     def c2_mean(self) -> tuple[float, float] | None:
         return self._stat(self.c2)
 
-    def nll(self, h: float | np.ndarray, order: int | None = None, per_point: bool = False):
+    def nll(self, h: float | np.ndarray, order: int | None = None, per_point: bool = False,
+            validity: bool = False, tol: float = 1e-2):
         """The WKB expansion NLL0 + h C1 (+ h^2 C2) at the given h (to ``order``, default all).
-        Mean over valid points, or per point when ``per_point``."""
+        Mean over valid points, or per point when ``per_point``. ``validity`` (needs C2): return
+        a :class:`hbar.series.SeriesEvaluation` instead -- the truncated series, its per-point
+        [0/1] Pade resummation, the per-point radius |C1/C2| and, per h, the estimated
+        truncation error and whether the series is ``trusted`` (error <= ``tol``), docs/theory.md
+        section 6.3."""
         hh = check_h(h)
         order = self.order if order is None else order
         if order > self.order:
             raise HbarInputError(f"order {order} requested but only order {self.order} was computed")
+        if validity:
+            from hbar.series import evaluate_series
+
+            if self.c2 is None:
+                raise HbarInputError("validity needs C2: compute the likelihood with order=2")
+            ok = self.valid & np.isfinite(self.nll0) & np.isfinite(self.c1) & np.isfinite(self.c2)
+            return evaluate_series(self.nll0[ok], self.c1[ok], self.c2[ok], hh, order=max(order, 1), tol=tol)
         per = self.nll0[None, :] + 0 * hh[:, None]
         if order >= 1:
             per = per + hh[:, None] * self.c1[None, :]
@@ -161,8 +175,11 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 BATCHINGS = ("per-point", "batch")
 # batching="auto" at order >= 1 caps a jitted chunk at this many rows x d^(2 order) (the
 # size of the highest Taylor layer): the derivative passes of large chunks leave the cache.
-# Measured on the 64-D digits model, order 1, per point: chunks of 1 point 2.09 s, of 4 points
-# 2.35 s (batched: 3.79 s); on the 2-D swiss roll, 200 points: chunk 200 0.36 s, 25 0.41 s.
+# Measured on the 64-D digits model, order 1, seconds per point: chunks of 1 point 2.06
+# (batched) / 2.09 (per-point), of 4 points 3.79 (batched) / 2.35 (per-point). On the 2-D
+# swiss roll (200 points) a vmapped per-point chunk runs as many evaluations as its slowest
+# point (115 vs 103 for the batched solve) and smaller chunks cost more per point (chunks of
+# 10: 1.10-1.2x), so "auto" is "batch" with this cap.
 AUTO_TAYLOR_BUDGET = 4096
 
 
@@ -262,7 +279,7 @@ def _batch_one_loop(proc, xb, kb, pb=None, *, options, grid, probes):
     samples of psi1 per point (:mod:`hbar.one_loop`, docs/theory.md section 5.7)."""
     fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb)
     ol = one_loop_ell1(proc, xb, fwd["x_T"], kb, grid, probes)
-    return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ell1=ol["ell1"], ell1_se=ol["ell1_se"],
+    return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], **{k: v for k, v in ol.items() if k.startswith("ell1")},
                 ok=fwd["ok"] & ol["ok"], evals_forward=fwd["evals"], evals_backward=ol["evals"])
 
 
@@ -292,7 +309,7 @@ def nll(
     batching: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     probes: int = 16,
-    steps: int = 128,
+    steps: int | list[int] = 128,
     grid: str = "logsnr",
 ) -> LikelihoodResult:
     """Negative log-likelihood of data points under the h-family model, with WKB terms.
@@ -313,7 +330,10 @@ def nll(
         probes, steps, grid: one-loop only -- samples per point, steps of the fixed
             fluctuation grid (stochastic Heun, weak order 2) and its kind ("logsnr": uniform
             in log(alpha^2/sigma^2), or "uniform" in t). ``batch_size`` then counts samples
-            (points x probes) per jitted batch.
+            (points x probes) per jitted batch. ``steps`` may be a ladder, e.g. [32, 64, 128]
+            (constant integer ratio, common random numbers): C1 is then Richardson-extrapolated
+            when the observed order is near 2, with the discretisation error kept apart from
+            the Monte Carlo s.e. in ``extras["ladder"]`` (:func:`hbar.one_loop.ladder_result`).
         divergence: "exact", "hutchinson" (order 0 only) or "auto" (exact for d <= 64).
         key: PRNG key for Hutchinson probes (Rademacher, one per trajectory).
         options: tolerances of the solves; inner_options: of the nested solves of the
@@ -322,9 +342,9 @@ def nll(
         batch_size: points per jitted batch; progress(done, n) is called after each.
         batching: "per-point" (each point has its own step-size control: the single-point
             solve vmapped over the batch), "batch" (one step size per batch, set by its worst
-            point) or "auto" (per-point for the characteristics method, and at order >= 1 at
-            most AUTO_TAYLOR_BUDGET / d^(2 order) points per jitted batch; measured in
-            benchmarks/run.py). Both meet the tolerance for every point.
+            point) or "auto" ("batch", and at order >= 1 at most AUTO_TAYLOR_BUDGET / d^(2 order)
+            points per jitted batch: 1 point in 64-D, where every point then has its own steps;
+            measured in benchmarks/run.py). Both meet the tolerance for every point.
     """
     xs = check_points(x, "x")
     n, d = xs.shape
@@ -341,7 +361,8 @@ def nll(
         if key is None:
             raise HbarInputError("method='one-loop' needs a PRNG key (key=jax.random.PRNGKey(...))")
         probes = check_positive_int(probes, "probes")
-        ol_grid = fluctuation_grid(schedule, steps, grid)
+        ol_grid = (fluctuation_grid(schedule, steps, grid) if np.ndim(steps) == 0
+                   else ladder_grids(schedule, steps, grid))  # a step ladder: ladder_result below
     if method == "finite-difference" and order != 1:
         raise HbarInputError("the finite-difference baseline computes order=1 only")
     if divergence == "auto":
@@ -371,7 +392,8 @@ def nll(
             point_keys = jax.random.key_data(point_keys)
         arrays.insert(1, np.asarray(point_keys))
         res = run_batched(_batch_one_loop, proc, arrays, max(1, batch_size // probes), progress,
-                          options=options, grid=np.asarray(ol_grid, dtype=dtype), probes=probes)
+                          options=options, grid=tuple(np.asarray(g, dtype=dtype) for g in ol_grid) if isinstance(ol_grid, tuple)
+                          else np.asarray(ol_grid, dtype=dtype), probes=probes)
     elif method == "finite-difference":
         res = run_batched(_batch_finite_difference, proc, arrays, batch_size, progress,
                           options=options, inner=inner_options or options,
@@ -381,7 +403,7 @@ def nll(
         if batching == "auto" and order >= 1:
             chunk = min(batch_size, max(1, AUTO_TAYLOR_BUDGET // d ** (2 * order)))
         res = run_batched(_batch_characteristics, proc, arrays, chunk, progress,
-                          batching="per-point" if batching == "auto" else batching,
+                          batching="batch" if batching == "auto" else batching,
                           order=order, options=options)
     valid = res["row_ok"] & np.isfinite(res["ell0"]) & np.asarray(all_finite_rows(jnp.asarray(res["x_T"])))
     if bound is not None:
@@ -394,7 +416,11 @@ def nll(
         valid &= np.isfinite(c1)
         if "ell1_se" in res:
             c1_se = res["ell1_se"]
-            extras.update(steps=int(steps), grid=grid)
+            extras.update(steps=int(steps) if np.ndim(steps) == 0 else [int(s) for s in steps], grid=grid)
+            if "ell1_levels" in res:  # step ladder: extrapolated C1, discretisation error in extras["ladder"]
+                c1, c1_se, lad = ladder_result(res, valid, steps)
+                valid &= np.isfinite(c1)
+                extras.update(lad)
         if "x_back" in res:
             ret = np.max(np.abs(res["x_back"] - xs), axis=1)
             back_diff = np.abs(res["ell0_back"] - res["ell0"])

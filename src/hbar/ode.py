@@ -17,10 +17,14 @@ controlling only the returned part takes 65 instead of 111 steps for the same C1
 watches every entry (the behaviour before this option, kept for comparison).
 
 Loop structure. diffrax's Runge-Kutta solvers run their stages in an inner
-``while_loop``; inside the step loop that made each vector-field evaluation 1.5-1.65x as
-expensive as the same function jitted alone (measured: WKB order-1 right-hand side, paper
-network, 200 points). Running the stages as a bounded scan (``scan_kind="bounded"``,
-``ODEOptions.stage_loop = "scan"``, the default) removes that penalty (0.98-0.99x).
+``while_loop``; inside the step loop that made each evaluation of the WKB backward field
+1.5-1.65x as expensive as the same function jitted alone (measured: order-1 right-hand side,
+paper network, 200 points; the adjoint is not the cause: ForwardMode, which stores nothing,
+costs the same, while DirectAdjoint, which also switches the stages to a bounded scan, removes
+the penalty). Running the stages as a bounded scan (``scan_kind="bounded"``,
+``ODEOptions.stage_loop = "scan"``) removes it (0.98-0.99x); for the cheap probability-flow
+field the scan is slower than the while loop (benchmarks/run.py), so "auto" lets the caller
+choose.
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ class ODEOptions:
     caller's ``controlled`` function (the quantities the solve returns; auxiliary state such
     as the WKB Taylor tensors G, H is carried but does not set the step size), "all" to every
     component of the state. Without a ``controlled`` selector both are the same;
-    stage_loop: "scan" (default) runs the Runge-Kutta stages as a bounded scan, "while" as
-    diffrax's default inner while loop (measured 1.5-1.65x slower per evaluation; kept for
-    comparison, see the module docstring).
+    stage_loop: "scan" runs the Runge-Kutta stages as a bounded scan, "while" as diffrax's
+    default inner while loop, "auto" (default) lets the caller choose (``stage_loop`` argument
+    of :func:`solve_ode`; "while" if it does not): the WKB backward solve uses "scan" (its
+    expensive field was 1.5-1.65x slower per evaluation in the while loop), the cheap
+    probability-flow field "while" (see the module docstring).
     """
 
     rtol: float = 1e-5
@@ -77,15 +83,15 @@ class ODEOptions:
     dt0: float | None = None
     norm: str = "max"
     error_on: str = "returned"
-    stage_loop: str = "scan"
+    stage_loop: str = "auto"
 
     def __post_init__(self) -> None:
         from hbar.validation import HbarInputError
 
         if self.error_on not in ("returned", "all"):
             raise HbarInputError(f"ODE error_on must be 'returned' or 'all', got {self.error_on!r}")
-        if self.stage_loop not in ("scan", "while"):
-            raise HbarInputError(f"ODE stage_loop must be 'scan' or 'while', got {self.stage_loop!r}")
+        if self.stage_loop not in ("auto", "scan", "while"):
+            raise HbarInputError(f"ODE stage_loop must be 'auto', 'scan' or 'while', got {self.stage_loop!r}")
         if self.norm not in ("max", "rms"):
             raise HbarInputError(f"ODE error norm must be 'max' or 'rms', got {self.norm!r}")
         if self.solver not in SOLVERS:
@@ -119,19 +125,22 @@ def solve_ode(
     t1: float,
     options: ODEOptions = ODEOptions(),
     controlled: Callable[[Any], Any] | None = None,
+    stage_loop: str = "while",
 ) -> ODESolution:
     """Integrate dy/dt = field(t, y) from t0 to t1 with an adaptive explicit solver.
 
     ``controlled``: optional map from a state-shaped pytree to the sub-pytree whose local
     error sets the step size (the returned quantities; see ``ODEOptions.error_on``). It is
     applied to the scaled error, so it must only select leaves, not compute.
+    ``stage_loop``: the caller's choice used when ``options.stage_loop == "auto"``.
 
     Traceable (call it inside jit). Failure (step budget exhausted, non-finite state) does
     not raise inside jit; it is returned as ``ok = False`` for the caller to report.
     """
     term = diffrax.ODETerm(lambda t, y, args: field(t, y))
     solver = SOLVERS[options.solver]()
-    if options.stage_loop == "scan":
+    loop = stage_loop if options.stage_loop == "auto" else options.stage_loop
+    if loop == "scan":
         solver = eqx.tree_at(lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda v: v is None)
     controller = diffrax.PIDController(rtol=options.rtol, atol=options.atol,
                                        norm=error_norm(options, controlled))

@@ -23,6 +23,7 @@ With step size D = t_k - t_{k+1} > 0 (time runs backward), one Euler–Maruyama 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 
@@ -38,16 +39,131 @@ from hbar.schedules import Schedule
 from hbar.scores import declared_dim
 from hbar.validation import HbarInputError, check_h, check_positive_int
 
-__all__ = ["SampleResult", "sample", "time_grid", "METHODS", "score_dimension", "simulate_path", "cast_floats"]
+__all__ = ["SampleResult", "sample", "time_grid", "METHODS", "score_dimension", "simulate_path", "cast_floats",
+           "HWindow", "h_window", "HSteps", "edm_churn", "SDEOptions", "SDE_SOLVERS"]
 
-METHODS = ("euler", "heun", "adaptive")
+METHODS = ("euler", "heun", "adaptive", "sde")
+
+#: diffrax solvers of ``method="sde"`` -> score evaluations per step. The noise sqrt(h g^2) dw
+#: does not depend on x (additive), so Ito = Stratonovich and SRA1 / ShARK (strong order 1.5
+#: for additive noise, embedded error estimate) apply.
+SDE_SOLVERS = {"shark": 2, "sra1": 2, "heun": 2, "euler": 1}
+
+
+class HWindow(eqx.Module):
+    """A time-dependent noise strength h(t) = h_in for t_lo <= t <= t_hi, h_out elsewhere.
+
+    EDM's stochastic sampler (S_churn, S_tmin, S_tmax) is such a window: it adds noise only
+    for noise levels in [S_tmin, S_tmax]; its per-step churn gamma_i corresponds to
+    h ~ gamma_i t_i / (t_i - t_{i+1}) on the EDM schedule (sigma = t) to first order, and
+    exactly to the step-wise h of :func:`edm_churn` (docs/theory.md section 2.7). Any
+    jnp-traceable callable h(t) >= 0 works as well; h(t) enters only through
+    :class:`hbar.process.HProcess`.
+    """
+
+    h_in: Array
+    t_lo: Array
+    t_hi: Array
+    h_out: Array
+
+    def __call__(self, t: Array | float) -> Array:
+        t = jnp.asarray(t)
+        return jnp.where((t >= self.t_lo) & (t <= self.t_hi), self.h_in, self.h_out)
+
+
+def h_window(h_in: float, t_lo: float, t_hi: float, h_out: float = 0.0) -> HWindow:
+    """h(t) = h_in on [t_lo, t_hi], h_out elsewhere (see :class:`HWindow`)."""
+    check_h([h_in, h_out])
+    if not t_lo <= t_hi:
+        raise HbarInputError(f"h_window needs t_lo <= t_hi, got {t_lo}, {t_hi}")
+    f = lambda v: jnp.asarray(v, dtype=jnp.result_type(float))
+    return HWindow(f(h_in), f(t_lo), f(t_hi), f(h_out))
+
+
+class HSteps(eqx.Module):
+    """A piecewise-constant noise strength on a decreasing grid t_0 > t_1 > ... > t_N:
+    h(t) = hs[k] for t_{k+1} < t <= t_k (hs[0] above t_0, hs[N-1] at and below t_N)."""
+
+    times: Array
+    hs: Array
+
+    def __call__(self, t: Array | float) -> Array:
+        t, times, hs = jnp.asarray(t), jnp.asarray(self.times), jnp.asarray(self.hs)
+        n = hs.shape[0]
+        k = n - jnp.searchsorted(times[::-1], t, side="left")
+        return hs[jnp.clip(k, 0, n - 1)]
+
+
+EDM_GAMMA_MAX = math.sqrt(2.0) - 1.0  # EDM's cap on the per-step churn (Karras et al. 2022, Algorithm 2)
+
+
+def edm_churn(S_churn: float, S_tmin: float, S_tmax: float, steps: int, schedule: Schedule, *,
+              sigma_data: float = 0.5, rho: float = 7.0) -> HSteps:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2, S_noise = 1) as an h(t)
+    (docs/theory.md section 2.7).
+
+    EDM runs ``steps`` steps on its power grid (hbar's "edm" grid, power ``rho``) in the noise
+    level s = sigma / alpha (s = t on :class:`hbar.schedules.EDMSchedule`); at a step from s_i
+    with S_tmin <= s_i <= S_tmax it first raises the noise level to (1 + gamma) s_i,
+    gamma = min(S_churn / steps, sqrt 2 - 1), by adding fresh noise, then integrates the
+    probability-flow ODE down to s_{i+1}. The h-process with the constant
+
+        h_i = log(v(s_hat_i) / v(s_i)) / log(v(s_i) / v(s_{i+1})),   v(s) = sigma_data^2 + s^2,
+
+    on that step has, for Gaussian data of standard deviation ``sigma_data`` and the exact
+    score, the same transition law from s_i to s_{i+1} (same marginals, same correlation), so
+    both samplers have the same joint law at the grid times. Limits: gamma (2 + gamma) s_i^2 /
+    (s_i^2 - s_{i+1}^2) (equal injected variance) for s << sigma_data, log(1 + gamma) /
+    log(s_i / s_{i+1}) for s >> sigma_data, and gamma s_i / (s_i - s_{i+1}) to first order.
+    EDM's S_noise > 1 inflates the noise beyond the marginal-preserving family and has no h.
+    Returns an :class:`HSteps` on the times of that grid; pass it as ``h`` to :func:`sample`
+    (any method and grid; with ``grid="edm"`` and the same ``steps`` each step has one h).
+    """
+    from hbar.grids import log_snr, make_grid
+
+    steps = check_positive_int(steps, "steps")
+    vals = np.asarray([S_churn, S_tmin, S_tmax, sigma_data], dtype=float)
+    if not np.all(np.isfinite(vals)) or S_churn < 0 or S_tmin < 0 or not sigma_data > 0:
+        raise HbarInputError("edm_churn needs finite S_churn >= 0, S_tmin >= 0 and sigma_data > 0, got "
+                             f"S_churn={S_churn}, S_tmin={S_tmin}, S_tmax={S_tmax}, sigma_data={sigma_data}")
+    if not S_tmin <= S_tmax:
+        raise HbarInputError(f"edm_churn needs S_tmin <= S_tmax, got {S_tmin}, {S_tmax}")
+    ts = make_grid(schedule, steps, "edm", rho=rho)
+    s = np.exp(-0.5 * np.asarray(log_snr(schedule, ts), dtype=float))  # noise level sigma / alpha
+    gamma = np.where((s[:-1] >= S_tmin) & (s[:-1] <= S_tmax), min(S_churn / steps, EDM_GAMMA_MAX), 0.0)
+    v = sigma_data**2 + s**2
+    v_hat = sigma_data**2 + ((1.0 + gamma) * s[:-1]) ** 2
+    hs = np.log(v_hat / v[:-1]) / np.log(v[:-1] / v[1:])
+    f = lambda a: jnp.asarray(a, dtype=jnp.result_type(float))
+    return HSteps(f(ts), f(hs))
+
+
+@dataclasses.dataclass(frozen=True)
+class SDEOptions:
+    """Options of ``method="sde"`` (diffrax): ``solver`` in :data:`SDE_SOLVERS` (default
+    "shark", strong order 1.5 for additive noise); ``adaptive`` PID step control with
+    ``rtol`` / ``atol`` (else ``steps`` fixed steps); ``max_steps`` before giving up (rows
+    are then flagged as failed); ``bm_tol`` the tolerance of the virtual Brownian tree."""
+
+    solver: str = "shark"
+    adaptive: bool = True
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_steps: int = 100_000
+    bm_tol: float | None = None
 
 
 def time_grid(schedule: Schedule, steps: int, t_start: float | None = None, t_end: float | None = None,
-              dtype=None) -> Array:
-    """Uniform grid t_0 = t_start, ..., t_steps = t_end, shape (steps + 1,); decreasing by
-    default (t_start = T, t_end = t_min), as the backward processes run. Both ends must lie
-    in [t_min, T]."""
+              dtype=None, grid: str = "uniform", rho: float = 7.0) -> Array:
+    """Grid t_0 = t_start, ..., t_steps = t_end, shape (steps + 1,); decreasing by default
+    (t_start = T, t_end = t_min), as the backward processes run. Both ends must lie in
+    [t_min, T]. ``grid``: "uniform" (default, the paper's), "log-snr" or "edm" (power ``rho``),
+    see :mod:`hbar.grids` (docs/theory.md section 2.6)."""
+    from hbar.grids import check_grid, make_grid
+
+    if check_grid(grid) != "uniform":
+        ts = make_grid(schedule, steps, grid, rho=rho, t_start=t_start, t_end=t_end)
+        return jnp.asarray(ts, dtype=dtype or jnp.result_type(float))
     t_start = schedule.T if t_start is None else t_start
     t_end = schedule.t_min if t_end is None else t_end
     schedule.check_time([t_start, t_end], "time grid end")
@@ -87,7 +203,7 @@ class SampleResult:
     valid: np.ndarray
     n_failed: int
     nfe: int
-    h: float
+    h: float | Callable
     method: str
     steps: int
     path: np.ndarray | None = None
@@ -130,7 +246,7 @@ def sample(
     schedule: Schedule,
     key: Array,
     n: int,
-    h: float,
+    h: float | Callable,
     steps: int = 1000,
     method: str = "euler",
     *,
@@ -141,6 +257,8 @@ def sample(
     return_path: bool = False,
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    grid: str = "uniform",
+    sde_options: SDEOptions = SDEOptions(),
 ) -> SampleResult:
     """Draw n samples of the h-backward process at t_min (docs/theory.md section 2).
 
@@ -148,18 +266,26 @@ def sample(
         score: score callable s(x, t), (n, d) -> (n, d).
         schedule: forward schedule; the sampler runs from schedule.T to schedule.t_min.
         key: JAX PRNG key (fixes both the prior draw and the Brownian increments).
-        n: number of samples. h: noise strength >= 0 (h = 0: probability-flow ODE).
-        steps: number of fixed steps (euler, heun). method: "euler" | "heun" | "adaptive".
+        n: number of samples. h: noise strength >= 0 (h = 0: probability-flow ODE), or a
+            time-dependent h(t) (a jnp-traceable callable, e.g. :func:`h_window`).
+        steps: number of fixed steps (euler, heun; "sde" without adaptivity).
+        method: "euler" | "heun" (fixed-step scan, the fast path) | "adaptive" (h = 0 ODE) |
+            "sde" (diffrax SDE solvers, adaptive by default, see :class:`SDEOptions`).
         d: data dimension (else taken from ``score.dim`` or ``x_T``).
         x_T: optional (n, d) starting points at T (default: draws from the prior).
         bound: a trajectory with any |x_i| > bound at any step counts as failed.
         return_path: keep the whole (steps + 1, n, d) trajectory (euler/heun).
         batch_size: sample in chunks of this many points (memory), with ``progress(done, n)``.
+        grid: time grid of the fixed-step methods, "uniform" (the paper's) | "log-snr" | "edm"
+            (:mod:`hbar.grids`; "log-snr" resolves t_min, docs/theory.md section 2.6).
     """
-    h_val = float(check_h(h)[0])
+    h_fn = h if callable(h) else None
+    h_val = float("nan") if h_fn is not None else float(check_h(h)[0])
     n = check_positive_int(n, "n")
     if method not in METHODS:
         raise HbarInputError(f"unknown sampling method {method!r}; choose from {METHODS}")
+    if method == "sde" and sde_options.solver not in SDE_SOLVERS:
+        raise HbarInputError(f"unknown SDE solver {sde_options.solver!r}; choose from {sorted(SDE_SOLVERS)}")
     if method == "adaptive" and h_val != 0.0:
         raise HbarInputError("method='adaptive' integrates the probability-flow ODE and needs h = 0; "
                              "use 'euler' or 'heun' for h > 0")
@@ -181,13 +307,22 @@ def sample(
     bnd = jnp.inf if bound is None else bound
     batch = n if batch_size is None else check_positive_int(batch_size, "batch_size")
 
-    ts = time_grid(schedule, steps, dtype=dtype)
-    h_arr = jnp.asarray(h_val, dtype=dtype)
+    ts = time_grid(schedule, steps, dtype=dtype, grid=grid)
+    if h_fn is not None:  # check h(t) >= 0 on the grid before compiling anything
+        h_grid = np.asarray(jax.vmap(h_fn)(ts))
+        check_h(h_grid, "h(t) on the time grid")
+        h_arr = h_fn
+    else:
+        h_arr = jnp.asarray(h_val, dtype=dtype)
     bnd_arr = jnp.asarray(bnd, dtype=dtype)
 
     if method == "adaptive":
         def run(x0):
             return _adaptive_run(score, x0, schedule=schedule, options=ode_options)
+    elif method == "sde":
+        def run(x0, kk):
+            return _diffrax_run(score, x0, kk, h_arr, bnd_arr, schedule=schedule, options=sde_options,
+                                steps=steps)
     else:
         def run(x0, kk):
             return _sde_run(score, x0, kk, h_arr, bnd_arr, ts, schedule=schedule, method=method,
@@ -200,6 +335,10 @@ def sample(
             x, ok, evals = run(x0)
             maxabs = jnp.where(ok, jnp.max(jnp.abs(x), axis=-1), jnp.inf)
             nfe = max(nfe, int(jnp.max(evals)))
+            path = None
+        elif method == "sde":
+            x, maxabs, n_steps = run(x0, jax.random.fold_in(k_noise, i))
+            nfe = max(nfe, int(n_steps) * SDE_SOLVERS[sde_options.solver])
             path = None
         else:
             x, maxabs, path = run(x0, jax.random.fold_in(k_noise, i))
@@ -217,21 +356,67 @@ def sample(
     n_failed = int((~valid).sum())
     if n_failed:
         warnings.warn(f"hbar.sample: {n_failed} of {n} trajectories blew up or left the bound "
-                      f"(h={h_val}, method={method}); they are flagged in result.valid", stacklevel=2)
+                      f"(h={h_val if h_fn is None else 'h(t)'}, method={method}); they are flagged in result.valid",
+                      stacklevel=2)
     return SampleResult(
-        samples=samples, valid=valid, n_failed=n_failed, nfe=nfe, h=h_val, method=method, steps=steps,
-        path=np.concatenate(paths, axis=1) if paths else None,
-        times=np.asarray(ts) if method != "adaptive" else None,
+        samples=samples, valid=valid, n_failed=n_failed, nfe=nfe, h=h_val if h_fn is None else h_fn, method=method,
+        steps=steps, path=np.concatenate(paths, axis=1) if paths else None,
+        times=np.asarray(ts) if method not in ("adaptive", "sde") else None,
     )
 
 
 @eqx.filter_jit
 def _sde_run(score, x0, key, h, bound, ts, *, schedule, method, keep_path):
     """Jitted fixed-grid run; compiled once per (score structure, schedule, shapes, method):
-    h and the bound are traced, so scanning over h does not recompile."""
+    h and the bound are traced, so scanning over h does not recompile. ``h`` is a scalar
+    array or a callable h(t) (evaluated per step, traced)."""
     proc = HProcess(schedule, score)
+    if callable(h):
+        return _sde_scan(lambda x, t: proc.drift(x, t, h(t)), lambda t: proc.diffusion2(t, h(t)), x0, ts, key,
+                         method, bound, keep_path)
     return _sde_scan(lambda x, t: proc.drift(x, t, h), lambda t: proc.diffusion2(t, h), x0, ts, key, method,
                      bound, keep_path)
+
+
+@eqx.filter_jit
+def _diffrax_run(score, x0, key, h, bound, *, schedule, options, steps):
+    """The h-process with a diffrax SDE solver over the whole batch (state flattened to
+    (n d,)), in reversed time tau = -t from -T to -t_min so the solver steps forward:
+    dx = -u_h(x, -tau) dtau + sqrt(h g^2)(-tau) dW_tau. Drift and diffusion come from
+    :class:`HProcess`. Returns (x, max |x| per row (inf on failure), accepted steps)."""
+    import diffrax
+    import lineax
+
+    proc = HProcess(schedule, score)
+    hfun = h if callable(h) else (lambda t: h)
+    n, d = x0.shape
+    t0, t1 = -schedule.T, -schedule.t_min
+
+    def drift(tau, y, args):
+        t = -tau
+        return -proc.drift(y.reshape(n, d), t, hfun(t)).reshape(-1)
+
+    def diffusion(tau, y, args):
+        t = -tau
+        amp = jnp.sqrt(proc.diffusion2(t, hfun(t))).astype(y.dtype)
+        return lineax.DiagonalLinearOperator(jnp.full(y.shape, amp, dtype=y.dtype))
+
+    levy = diffrax.SpaceTimeLevyArea if options.solver in ("shark", "sra1") else diffrax.BrownianIncrement
+    span = t1 - t0
+    bm = diffrax.VirtualBrownianTree(t0, t1, tol=options.bm_tol or span / (16 * steps), shape=(n * d,), key=key,
+                                     levy_area=levy)
+    terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
+    solver = {"shark": diffrax.ShARK, "sra1": diffrax.SRA1, "heun": diffrax.Heun, "euler": diffrax.Euler}[options.solver]()
+    if options.adaptive and options.solver != "euler":
+        ctrl = diffrax.PIDController(rtol=options.rtol, atol=options.atol)
+    else:
+        ctrl = diffrax.ConstantStepSize()
+    sol = diffrax.diffeqsolve(terms, solver, t0, t1, span / steps, x0.reshape(-1), stepsize_controller=ctrl,
+                              max_steps=options.max_steps, throw=False)
+    x = sol.ys[-1].reshape(n, d)
+    ok = sol.result == diffrax.RESULTS.successful
+    maxabs = jnp.where(ok, jnp.max(jnp.abs(x), axis=-1), jnp.inf)
+    return x, maxabs, sol.stats["num_accepted_steps"]
 
 
 @eqx.filter_jit

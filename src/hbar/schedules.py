@@ -42,6 +42,8 @@ __all__ = [
     "VESchedule",
     "OUSchedule",
     "LinearSchedule",
+    "DDPMSchedule",
+    "EDMSchedule",
     "schedule_from_config",
     "SCHEDULES",
 ]
@@ -293,6 +295,123 @@ class OUSchedule(Schedule):
         return -jnp.expm1(-self.beta * jnp.asarray(t))
 
 
+@dataclasses.dataclass(frozen=True)
+class DDPMSchedule(Schedule):
+    """The discrete-beta schedule of DDPM (Ho et al. 2020) and of ``diffusers``' DDPMScheduler,
+    embedded in continuous time t in [0, 1] with N = ``n_steps`` steps of length 1/N.
+
+    Betas: ``beta_schedule = "linear"`` (beta_k = linspace(beta_start, beta_end, N)) or
+    ``"scaled_linear"`` (Stable Diffusion: linspace(sqrt(beta_start), sqrt(beta_end), N)^2).
+    On step k (t in ((k-1)/N, k/N], k = 1..N) the rate is constant,
+    beta(t) = -N log(1 - beta_k), with f = -beta(t)/2, g^2 = beta(t), so that at the grid
+    times t_k = k/N
+
+        alpha(t_k)^2 = prod_{i<=k} (1 - beta_i) = alphas_cumprod[k - 1],   sigma^2 = 1 - alpha^2
+
+    exactly (between grid times log alpha is linear). A discrete model's timestep index is
+    k - 1 = N t - 1 (:meth:`timestep`; integer on the grid, fractional between). Default
+    t_min = 1/N (the first DDPM step), T = 1.
+    """
+
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    n_steps: int = 1000
+    beta_schedule: str = "linear"
+    t_min: float | None = None  # type: ignore[assignment]
+    T: float = 1.0
+    name: ClassVar[str] = "ddpm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_steps, bool) or not float(self.n_steps).is_integer() or int(self.n_steps) < 1:
+            raise HbarInputError(f"DDPM schedule needs an integer n_steps >= 1, got {self.n_steps!r}")
+        object.__setattr__(self, "n_steps", int(self.n_steps))
+        if self.t_min is None:
+            object.__setattr__(self, "t_min", 1.0 / self.n_steps)
+        super().__post_init__()
+        if self.T > 1.0 + 1e-12:
+            raise HbarInputError(f"DDPM schedule lives on t in [0, 1], got T={self.T}")
+        if not (0 < self.beta_start <= self.beta_end < 1):
+            raise HbarInputError(f"DDPM schedule needs 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if self.beta_schedule == "linear":
+            betas = np.linspace(self.beta_start, self.beta_end, self.n_steps)
+        elif self.beta_schedule == "scaled_linear":
+            betas = np.linspace(math.sqrt(self.beta_start), math.sqrt(self.beta_end), self.n_steps) ** 2
+        else:
+            raise HbarInputError(f"DDPM beta_schedule must be 'linear' or 'scaled_linear', got {self.beta_schedule!r}")
+        rate = -self.n_steps * np.log1p(-betas)  # beta(t) on each step
+        cum = np.concatenate([[0.0], np.cumsum(rate) / self.n_steps])[:-1]  # int_0^{(k-1)/N} beta
+        object.__setattr__(self, "_rate", rate)
+        object.__setattr__(self, "_cum", cum)
+
+    @property
+    def betas(self) -> np.ndarray:
+        """The discrete betas, shape (N,)."""
+        return -np.expm1(-self._rate / self.n_steps)
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """prod_{i<=k} (1 - beta_i), shape (N,) (diffusers' ``alphas_cumprod``)."""
+        return np.cumprod(1.0 - self.betas)
+
+    def _seg(self, t):
+        t = jnp.asarray(t, dtype=jnp.result_type(float))
+        k = jnp.clip(jnp.ceil(t * self.n_steps) - 1, 0, self.n_steps - 1).astype(jnp.int32)
+        return t, k
+
+    def timestep(self, t):
+        """The discrete model's timestep index N t - 1 (0-based, fractional between grid times)."""
+        return jnp.asarray(t) * self.n_steps - 1.0
+
+    def _B(self, t):
+        t, k = self._seg(t)
+        rate = jnp.asarray(self._rate, dtype=t.dtype)[k]
+        return jnp.asarray(self._cum, dtype=t.dtype)[k] + (t - k.astype(t.dtype) / self.n_steps) * rate
+
+    def f(self, t):
+        _, k = self._seg(t)
+        return -0.5 * jnp.asarray(self._rate, dtype=jnp.result_type(float))[k]
+
+    def g2(self, t):
+        _, k = self._seg(t)
+        return jnp.asarray(self._rate, dtype=jnp.result_type(float))[k]
+
+    def log_alpha(self, t):
+        return -0.5 * self._B(t)
+
+    def sigma2(self, t):
+        return -jnp.expm1(-self._B(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMSchedule(Schedule):
+    """The EDM schedule (Karras et al. 2022; k-diffusion's sigma parametrisation): time is
+    the noise level, sigma(t) = t, alpha = 1, so f = 0, g^2 = d sigma^2/dt = 2 t and
+    sigma^2 = t^2. t in [sigma_min, sigma_max] = [t_min, T] (default [0.002, 80]); prior
+    N(0, T^2 I) as EDM samples x_T. A denoiser D(x, sigma) gives the score
+    (D(x, t) - x) / t^2 (:func:`hbar.adapters.from_denoiser`)."""
+
+    t_min: float = 0.002
+    T: float = 80.0
+    name: ClassVar[str] = "edm"
+
+    @property
+    def prior_std(self) -> float:
+        return self.T
+
+    def f(self, t):
+        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
+
+    def g2(self, t):
+        return 2.0 * jnp.asarray(t, dtype=jnp.result_type(float))
+
+    def log_alpha(self, t):
+        return self.f(t)
+
+    def sigma2(self, t):
+        return jnp.asarray(t, dtype=jnp.result_type(float)) ** 2
+
+
+
 def _integrate_log_alpha_sigma2(
     f: Callable, g2: Callable, t_grid: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -386,7 +505,7 @@ class LinearSchedule(Schedule):
 
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls
-    for cls in (SimpleSchedule, CosineSchedule, VPLinearSchedule, VESchedule, OUSchedule)
+    for cls in (SimpleSchedule, CosineSchedule, VPLinearSchedule, VESchedule, OUSchedule, DDPMSchedule, EDMSchedule)
 }
 
 
@@ -405,7 +524,18 @@ def schedule_from_config(cfg: dict[str, Any] | str) -> Schedule:
     unknown = set(params) - allowed
     if unknown:
         raise HbarInputError(f"unknown parameters {sorted(unknown)} for schedule {name!r}; allowed: {sorted(allowed)}")
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+
+    def cast(k, v):
+        if kinds[k] == "str":
+            return str(v)
+        if kinds[k] == "int":
+            if isinstance(v, bool) or not float(v).is_integer():
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+            return int(v)
+        return None if v is None else float(v)
+
     try:
-        return cls(**{k: float(v) for k, v in params.items()})
+        return cls(**{k: cast(k, v) for k, v in params.items()})
     except (TypeError, ValueError) as err:
         raise HbarInputError(f"bad parameters for schedule {name!r}: {err}") from err

@@ -12,14 +12,25 @@ import numpy as np
 __all__ = ["atomic_write", "to_jsonable"]
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes to ``path`` via a temp file in the same directory, fsync and os.replace,
-    so a reader never sees a partial file, even after an interrupt or a crash."""
+    so a reader never sees a partial file, even after an interrupt or a crash.
+
+    The file gets the permissions of an ordinary ``open(path, "w")``: 0666 minus the user's
+    umask (``tempfile.mkstemp`` alone would leave 0600, unreadable by colleagues)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -31,6 +31,13 @@ One forward solve (for X_T) and one backward solve from T (c_{0,0} = log pi(X_T)
 c_{0,1} = grad log pi(X_T), c_{0,2} = Hess log pi, higher tensors and psi1, psi2 zero).
 No nested solves, no finite differences.
 
+Cost. Each source F_j is differentiated only to its own order K_j (``column_orders`` of
+:func:`hbar.derivatives.taylor_tensors`; F_1 of order 1 is needed at y = 0 only); the step size
+of the backward solve is controlled on X and the psi_j only (:func:`returned_part`,
+``ODEOptions.error_on``), not on the auxiliary tensors G, H, ...; the right-hand side is jitted
+once (diffrax traces the vector field three times; order 2 in 2-D then compiles in about 10 s
+instead of 13.4 s, measured). benchmarks/run.py measures each of these.
+
 The paper's algorithm (finite differences of nested solves) is implemented by
 :func:`finite_difference_ell1` as a baseline.
 """
@@ -214,7 +221,8 @@ def backward_characteristic(proc: HProcess, x_T: Array, order: int, options: ODE
             return _rhs_jit(proc, t, X, P_)
         return _rhs(proc, t, X, P_)
 
-    sol = solve_ode(field, (x_T, P), schedule.T, schedule.t_min, options, controlled=returned_part)
+    sol = solve_ode(field, (x_T, P), schedule.T, schedule.t_min, options, controlled=returned_part,
+                    stage_loop="scan")
     X, Pm = sol["y1"]
     out = dict(x=X, ell0=Pm[0][0], ell1=Pm[1][0], ok=sol["ok"], evals=sol["evals"],
                steps=sol["num_steps"], rejected=sol["num_rejected"])

@@ -24,7 +24,7 @@ def test_pimc_matches_exact_discrete_density(d, h):
     steps = 50
     m, C = _discrete_moments(OU, m0, S0, 0.1, shift, h, steps)
     ref = multivariate_normal(m, C).logpdf(x)
-    r = path_log_likelihood(sc, OU, x, h, jax.random.PRNGKey(11), n_paths=512, steps=steps)
+    r = path_log_likelihood(sc, OU, x, h, jax.random.PRNGKey(11), n_paths=512, steps=steps, grid="uniform")
     assert r.log_q.shape == (6,) and r.n_paths == 512 and np.all(r.ess > 0.05 * 512)
     z = (r.log_q - ref) / r.se
     assert np.all(np.abs(z) < 4.5), z

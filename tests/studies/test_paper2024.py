@@ -19,10 +19,12 @@ import pytest
 from hbar import nll
 from hbar.metrics import w2_empirical
 from hbar.ode import ODEOptions
+from hbar.path import converged_path_nll
 from hbar.references import gaussian_oracle
 from hbar.schedules import OUSchedule
 from hbar.scores import gaussian_score
 from hbar.studies.paper2024 import ReproduceConfig, load_stage, run_demo, run_reproduce
+from hbar.studies.paper2024.analysis import brute_force_nll
 from hbar.studies.paper2024.report import load_notes, render_markdown
 from hbar.training import load_checkpoint
 from hbar.validation import HbarInputError
@@ -175,6 +177,54 @@ def test_w2_recomputed(tiny_run):
     assert mm["h_min_w2_small"] == js["h"][int(np.argmin([v[0] for v in js["w2"]]))]
 
 
+def _check_path_stage(out, cfg, seed, md):
+    """The path stage: its points, a rerun of converged_path_nll on them (same key) gives its
+    numbers, its FP column is the fp stage's per-point values on the same points, and the
+    report's NLL(h) table, nll_h.csv and the brute-force minimiser hold them."""
+    import jax
+
+    pj, pa = load_stage(out, f"path/{MODEL}")
+    _, na = load_stage(out, f"nll/{MODEL}")
+    np.testing.assert_array_equal(pa["idx"], np.nonzero(na["valid"])[0][: cfg.path_points])
+    score, schedule, _ = load_checkpoint(os.path.join(out, "models", MODEL))
+    r = converged_path_nll(score, schedule, na["x"][pa["idx"]], list(cfg.path_h),
+                           jax.random.fold_in(jax.random.PRNGKey(seed), 31), tol=cfg.path_tol, steps0=cfg.path_steps0,
+                           max_steps=cfg.path_max_steps, n_paths=cfg.path_n_paths, max_paths=cfg.path_max_paths)
+    np.testing.assert_allclose([row["nll"] for row in pj["rows"]], r.nll, rtol=1e-9)
+    np.testing.assert_allclose([row["total_error"] for row in pj["rows"]], r.total_error, rtol=1e-9)
+    assert [row["converged"] for row in pj["rows"]] == r.converged.tolist()
+    fj, fa = load_stage(out, f"fp/{MODEL}")
+    k = [list(fa["idx"]).index(i) for i in pa["idx"]]
+    np.testing.assert_allclose(pj["fp"]["nll"], fa["nll_points"][:, k].mean(axis=1), rtol=1e-12)
+    assert pj["fp"]["converged"] == fj["converged"]
+    np.testing.assert_allclose(pj["nll0_same_points"][0], na["nll0"][pa["idx"]].mean(), rtol=1e-12)
+    rows = list(csv.DictReader(open(os.path.join(out, "nll_h.csv"))))
+    assert [float(x["h"]) for x in rows] == list(cfg.path_h)
+    for i, h in enumerate(cfg.path_h):
+        row = _row(md, f"{h:g}")
+        vals = [float(v) for v in row[6].split("±")]
+        np.testing.assert_allclose(vals, [r.nll[i], r.mc_se[i], r.disc_error[i]], atol=5.1e-5, rtol=5e-4)
+        assert row[7] == ("yes" if r.converged[i] else "**no**")
+        np.testing.assert_allclose(float(rows[i]["path_nll"]), r.nll[i], rtol=1e-9)
+    bf = brute_force_nll(pj)
+    assert all(b["h"] == 0 or b["source"] != "path integral" or pj["rows"][cfg.path_h.index(b["h"])]["converged"]
+               for b in bf)
+    return pj, bf
+
+
+def test_nll_h_path_stage(tiny_run):
+    out, res, _ = tiny_run
+    md = open(os.path.join(out, "report.md")).read()
+    pj, bf = _check_path_stage(out, ReproduceConfig.tiny(), SEED, md)
+    mm = res["models"][MODEL]["minimisers"]
+    if len(bf) > 1:
+        assert mm["h_min_nll"] == min(bf, key=lambda b: b["nll"])["h"]
+    else:
+        assert "h_min_nll" not in mm
+    n_conv = sum(row["converged"] for row in pj["rows"])
+    assert f"The path integral converged at {n_conv} of {len(pj['rows'])} h values" in md
+
+
 def test_resume_does_not_recompute(tiny_run):
     out, res, _ = tiny_run
     stage_dir = os.path.join(out, "stages")
@@ -259,3 +309,11 @@ def test_demo_tiny(tmp_path):
     assert len(w2_rows) == 1
     np.testing.assert_allclose(_pm_cell(w2_rows[0].split("|")[4])[0], w2js["w2"][0][0], atol=5.1e-5)
     assert res["gauss1d"] is None
+    # the NLL(h) stage: converged path integral on the C2 points, with the series and its radius
+    pj, bf = _check_path_stage(tmp_path, cfg, 3, md)
+    ser = pj["series"]
+    _, pa = load_stage(tmp_path, f"path/{MODEL}")
+    k = [list(c2a["idx"]).index(i) for i in pa["idx"]]
+    np.testing.assert_allclose(ser["c2"][0], c2a["c2"][k].mean(), rtol=1e-12)
+    np.testing.assert_allclose(ser["radius_median"], np.median(np.abs(c2a["c1"][k] / c2a["c2"][k])), rtol=1e-12)
+    assert os.path.isfile(tmp_path / "nll_h.csv")

@@ -19,13 +19,14 @@ from hbar.training import (
     load_config,
     train,
 )
+from hbar.training.checkpoint import WEIGHTS_FILE, load_safetensors_weights
 from hbar.validation import HbarInputError
 
 
 def test_resume_after_interrupt_is_bit_identical(tmp_path):
     cfg = TrainConfig(**TINY)
     a = train(cfg, tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == sorted([CHECKPOINT_FILE, CONFIG_FILE, LOSSES_FILE])
+    assert sorted(os.listdir(tmp_path / "a")) == sorted([CHECKPOINT_FILE, CONFIG_FILE, LOSSES_FILE, WEIGHTS_FILE])
 
     def stop_after_two_chunks(step, total, loss):
         if step >= 4 * 4:  # epoch 4 = two chunks of 2 epochs
@@ -111,3 +112,63 @@ def test_broken_checkpoints(tmp_path):
     os.remove(path)
     with pytest.raises(HbarInputError, match="no checkpoint"):
         load_checkpoint(tmp_path / "r")
+
+
+def test_weights_readable_without_hbar_format(tmp_path):
+    """model.safetensors + config.json rebuild the EMA network (what another JAX tool reads);
+    the legacy checkpoint.eqx stays the resume state and still loads."""
+    from safetensors.numpy import load_file
+
+    res = train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path / "r")
+    tensors = load_file(str(tmp_path / "r" / WEIGHTS_FILE))
+    assert ".layers[0].weight" in tensors
+    net = load_safetensors_weights(tmp_path / "r")
+    score, _, _ = load_checkpoint(tmp_path / "r")
+    x = jnp.ones((3, 2))
+    np.testing.assert_array_equal(net(x, 0.3), score(x, 0.3))
+    np.testing.assert_array_equal(net(x, 0.3), res.score_fn(x, 0.3))
+    os.remove(tmp_path / "r" / WEIGHTS_FILE)  # an old run directory: loads from checkpoint.eqx alone
+    score2, _, _ = load_checkpoint(tmp_path / "r")
+    np.testing.assert_array_equal(score2(x, 0.3), score(x, 0.3))
+    with pytest.raises(HbarInputError, match="no model.safetensors"):
+        load_safetensors_weights(tmp_path / "r")
+
+
+def test_old_benchmark_checkpoint_still_loads():
+    import pathlib
+
+    run = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "_runs" / "swiss_roll-400"
+    if not (run / CHECKPOINT_FILE).exists():
+        pytest.skip("benchmark runs not present")
+    score, sched, cfg = load_checkpoint(run)
+    assert score(jnp.zeros((2, 2)), 0.5).shape == (2, 2)
+
+
+def test_relative_data_path_resume_from_elsewhere(tmp_path, monkeypatch):
+    """data_path is stored absolute, so a run is resumed from any directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    np.savetxt(work / "pts.csv", np.random.default_rng(0).normal(size=(40, 2)), delimiter=",")
+    monkeypatch.chdir(work)
+    cfg = TrainConfig(data_path="pts.csv", batch_size=8, epochs=2, checkpoint_every=1,
+                      network={"name": "paper_mlp", "width": 8, "depth": 1})
+    train(cfg, "run")
+    stored = json.loads((work / "run" / CONFIG_FILE).read_text())
+    assert stored["data_path"] == str(work / "pts.csv") and stored["n_train"] is None
+    monkeypatch.chdir(tmp_path)
+    res = train(load_config(work / "run").replace(epochs=3), work / "run", resume=True)
+    assert res.epochs_done == 3
+
+
+def test_config_file_paths_relative_to_the_file_and_n_train_all(tmp_path):
+    (tmp_path / "d").mkdir()
+    np.savetxt(tmp_path / "d" / "pts.csv", np.zeros((10, 2)) + np.arange(10)[:, None] * 0.1, delimiter=",")
+    (tmp_path / "d" / "cfg.toml").write_text('data_path = "pts.csv"\nn_train = "all"\nbatch_size = 5\n')
+    cfg = TrainConfig.load(tmp_path / "d" / "cfg.toml")
+    assert cfg.data_path == str(tmp_path / "d" / "pts.csv") and cfg.n_train is None
+    from hbar.training import make_training_data
+
+    assert make_training_data(cfg)[0].shape == (10, 2)  # smaller than the old default n_train = 3000
+    assert TrainConfig(dataset="swiss_roll").n_train == 3000
+    with pytest.raises(HbarInputError, match="needs a data file"):
+        TrainConfig(dataset="swiss_roll", n_train="all")

@@ -70,3 +70,50 @@ def test_malformed_config_files(tmp_path):
         TrainConfig.load(p)
     with pytest.raises(HbarInputError, match="not found"):
         TrainConfig.load(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epochs": True}, "config field 'epochs': must be a number, not bool (got True)"),
+        ({"lr": float("nan")}, "config field 'lr': input should be a finite number (got nan)"),
+        ({"lr": 0}, "config field 'lr': input should be greater than 0 (got 0)"),
+        ({"index_col": True}, "config field 'index_col': must be an integer >= 0, false, or absent (got True)"),
+        ({"n_train": "some"}, "config field 'n_train': must be an integer >= 1 or \"all\" (got 'some')"),
+        ({"dataset_kwargs": 3}, "config field 'dataset_kwargs'"),
+        ({"n_test": -1, "seed": 1.5}, "config field 'n_test'.*; config field 'seed'"),  # every bad field at once
+    ],
+)
+def test_typed_validation_messages(change, message):
+    """The typed validator (pydantic, hbar.training.config._TrainFields) gives one HbarInputError
+    naming each bad field, with the offending value."""
+    with pytest.raises(HbarInputError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       if ".*" not in message else message):
+        TrainConfig(**{**TINY, **change})
+
+
+def test_numpy_scalars_and_integral_floats_are_normalised():
+    import numpy as np
+
+    cfg = TrainConfig(**{**TINY, "epochs": np.int64(5), "lr": np.float32(0.5), "n_test": 3.0,
+                         "normalize_by_dim": np.bool_(True)})
+    assert (cfg.epochs, cfg.lr, cfg.n_test, cfg.normalize_by_dim) == (5, 0.5, 3, True)
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and type(cfg.normalize_by_dim) is bool
+    assert TrainConfig(data_path="x.npy", n_train="ALL").n_train is None
+    assert TrainConfig(dataset="swiss_roll").n_train == 3000
+    assert cfg.replace(epochs=7).epochs == 7
+    with pytest.raises(HbarInputError, match="epochs"):
+        cfg.replace(epochs=0)
+
+
+def test_old_config_json_loads(tmp_path):
+    """A config.json written before index_col existed (n_train stored as 3000) still loads."""
+    old = {"batch_size": 512, "checkpoint_every": 1000, "data_path": None, "data_seed": None, "dataset": "swiss_roll",
+           "dataset_kwargs": {}, "ema_decay": 0.999, "epochs": 16000, "grad_clip": None, "lr": 0.001, "n_test": 1000,
+           "n_train": 3000, "network": {"name": "paper_mlp"}, "normalize_by_dim": False, "schedule": {"name": "simple"},
+           "seed": 0, "test_path": None, "weighting": "g2"}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(old))
+    cfg = TrainConfig.load(p)
+    assert cfg.n_train == 3000 and cfg.index_col is None and cfg.network["width"] == 128
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg

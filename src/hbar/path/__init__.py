@@ -8,7 +8,9 @@ Modules
 :mod:`hbar.path.kl`         KL(P^h || Q^h) = KL(p_T || pi) + (1+h)^2/(8h) int g^2 E||grad log p_t - s||^2 dt:
                             closed form, Monte Carlo over paths, the DSM-form bound on data, kl_prior.
 :mod:`hbar.path.pimc`       Path-integral Monte Carlo estimate of log q^h(x) of the time-discretised
-                            h-model (:func:`path_log_likelihood`, :func:`path_nll`).
+                            h-model (:func:`path_log_likelihood`, :func:`path_nll`) and the
+                            step-converged NLL(h) with separate MC / discretisation errors
+                            (:func:`converged_path_nll`).
 
 Conventions
 -----------
@@ -47,7 +49,15 @@ from hbar.path.kl import (
     path_kl_monte_carlo,
     score_error_integral,
 )
-from hbar.path.pimc import PROPOSALS, PathLikelihoodResult, PathNLLResult, path_log_likelihood, path_nll
+from hbar.path.pimc import (
+    PROPOSALS,
+    ConvergedPathNLL,
+    PathLikelihoodResult,
+    PathNLLResult,
+    converged_path_nll,
+    path_log_likelihood,
+    path_nll,
+)
 
 __all__ = [
     "CONVENTIONS",
@@ -70,4 +80,6 @@ __all__ = [
     "path_log_likelihood",
     "PathNLLResult",
     "path_nll",
+    "ConvergedPathNLL",
+    "converged_path_nll",
 ]

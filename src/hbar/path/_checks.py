@@ -10,6 +10,7 @@ import numpy as np
 from jax import Array
 
 from hbar.schedules import Schedule
+from hbar.scores import declared_dim
 from hbar.validation import HbarInputError, check_h
 
 CONVENTIONS = ("ito", "midpoint")
@@ -32,10 +33,10 @@ def check_convention(convention: str) -> str:
 
 
 def check_score_dim(score: Callable, d: int) -> None:
-    """Raise if the score carries a dimension (``score.dim``) different from the points' d."""
-    dim = getattr(score, "dim", None)
-    if dim is not None and int(dim) != d:
-        raise HbarInputError(f"points have dimension {d}, but the score has dimension {int(dim)}")
+    """Raise if the score declares a dimension (:func:`hbar.scores.declared_dim`) other than d."""
+    dim = declared_dim(score)
+    if dim is not None and dim != d:
+        raise HbarInputError(f"points have dimension {d}, but the score has dimension {dim}")
 
 
 def orient_path(schedule: Schedule, path: Any, times: Any, increasing: bool) -> tuple[Array, Array]:

@@ -8,6 +8,10 @@ Layout::
                              (header: format, version, epoch, step, d, network config,
                              payload size and SHA-256, training-data hash)
     run_dir/losses.csv       epoch,step,loss (mean DSM loss of each epoch)
+    run_dir/model.safetensors  the EMA weights for other tools: safetensors (readable by
+                             ``safetensors.numpy`` / ``safetensors.flax`` without hbar), tensor
+                             names are JAX key paths (e.g. ``.layers[0].weight``), metadata
+                             holds the network config; with config.json it defines the model
 
 Every file is written to a temporary file in the same directory, fsynced and moved into
 place with ``os.replace``, so an interruption never leaves a half-written checkpoint.
@@ -33,10 +37,12 @@ from hbar.serialization import atomic_write
 from hbar.training.config import TrainConfig, is_int, optimizer
 from hbar.validation import HbarInputError, check_points
 
-__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOSSES_FILE", "load_config", "load_checkpoint", "checkpoint_info",
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOSSES_FILE", "WEIGHTS_FILE", "load_safetensors_weights", "load_config",
+           "load_checkpoint", "checkpoint_info",
            "check_dimension"]
 
 CHECKPOINT_FILE = "checkpoint.eqx"
+WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LOSSES_FILE = "losses.csv"
 _FORMAT = "hbar-checkpoint"
@@ -88,7 +94,40 @@ def save_checkpoint(run_dir: str, cfg: TrainConfig, tree: dict, extra: dict) -> 
         **extra,
     }
     blob = json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+    atomic_write(os.path.join(run_dir, WEIGHTS_FILE), weights_safetensors(tree["ema"], cfg, int(tree["step"])))
     atomic_write(os.path.join(run_dir, CHECKPOINT_FILE), blob)
+
+
+def weights_safetensors(params: Any, cfg: TrainConfig, step: int) -> bytes:
+    """The array leaves of ``params`` as a safetensors blob named by their JAX key paths."""
+    from safetensors.numpy import save
+
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    tensors = {jax.tree_util.keystr(path): np.ascontiguousarray(np.asarray(v)) for path, v in leaves
+               if eqx.is_array(v)}
+    meta = {"format": "hbar-weights", "network": json.dumps(cfg.network, sort_keys=True),
+            "schedule": json.dumps(cfg.schedule, sort_keys=True), "step": str(step), "weights": "ema"}
+    return save(tensors, metadata=meta)
+
+
+def load_safetensors_weights(run_dir: str | os.PathLike) -> Any:
+    """Rebuild the EMA network of a run from ``config.json`` + ``model.safetensors`` only
+    (what a tool without hbar's checkpoint format would do)."""
+    from safetensors.numpy import load_file
+
+    rd = os.fspath(run_dir)
+    cfg = load_config(rd)
+    path = os.path.join(rd, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise HbarInputError(f"no {WEIGHTS_FILE} in {rd} (runs trained before hbar 0.2 have only {CHECKPOINT_FILE})")
+    tensors = load_file(path)
+    params, static, _ = _templates(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        new = [jnp.asarray(tensors[jax.tree_util.keystr(p)], dtype=v.dtype) for p, v in leaves]
+    except KeyError as err:
+        raise HbarInputError(f"{path}: tensor {err} missing for the network in config.json") from None
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, new), static)
 
 
 def _read_checkpoint_header(path: str) -> tuple[dict, bytes]:

@@ -4,15 +4,24 @@ optimiser it describes (docs/theory.md section 3 for the loss)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 import os
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import optax
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hbar.data import DATASETS, canonical_name, load_dataset, load_points
 from hbar.networks import validate_network_config
@@ -32,8 +41,139 @@ def is_int(v: Any) -> bool:
     )
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+def _plain_number(v: Any) -> Any:
+    """Before-validator of the numeric fields: refuse bools and strings (JSON "512" or true is a
+    mistake, not a number) and unwrap NumPy scalars; pydantic then checks the type and bounds
+    (an int field takes 3.0, not 2.5)."""
+    if isinstance(v, (bool, np.bool_, str, bytes)):
+        raise ValueError("must be a number, not " + type(v).__name__)
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _plain_bool(v: Any) -> Any:
+    return bool(v) if isinstance(v, np.bool_) else v
+
+
+_Int = Annotated[int, BeforeValidator(_plain_number)]
+_Float = Annotated[float, BeforeValidator(_plain_number), Field(allow_inf_nan=False)]
+_Text = Annotated[str, StringConstraints(strict=True, min_length=1)]
+
+
+class _TrainFields(BaseModel):
+    """The typed schema of :class:`TrainConfig` (pydantic v2): types and bounds per field,
+    then the rules between fields. Used by ``TrainConfig.__post_init__``; the values it
+    returns are the normalised fields."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    dataset: _Text | None = None
+    dataset_kwargs: dict[str, Any] = {}
+    data_path: _Text | None = None
+    test_path: _Text | None = None
+    index_col: Any = None
+    n_train: Any = None
+    n_test: Annotated[_Int, Field(ge=0)] = 1000
+    data_seed: Annotated[_Int, Field(ge=0)] | None = None
+    schedule: Any = None
+    network: Any = None
+    lr: Annotated[_Float, Field(gt=0)] = 1e-3
+    batch_size: Annotated[_Int, Field(ge=1)] = 512
+    epochs: Annotated[_Int, Field(ge=1)] = 16000
+    weighting: Literal[WEIGHTINGS] = "g2"  # type: ignore[valid-type]
+    normalize_by_dim: Annotated[StrictBool, BeforeValidator(_plain_bool)] = False
+    ema_decay: Annotated[_Float, Field(ge=0, lt=1)] = 0.999
+    grad_clip: Annotated[_Float, Field(gt=0)] | None = None
+    seed: Annotated[_Int, Field(ge=0)] = 0
+    checkpoint_every: Annotated[_Int, Field(ge=1)] = 1000
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str | None) -> str | None:
+        return None if v is None else canonical_name(v)
+
+    @field_validator("data_path", "test_path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.abspath(os.path.expanduser(v))
+
+    @field_validator("index_col")
+    @classmethod
+    def _index_col(cls, v: Any) -> int | bool | None:
+        if v is None or v is False or (isinstance(v, np.bool_) and not v):
+            return None if v is None else False
+        if is_int(v) and int(v) >= 0:
+            return int(v)
+        raise ValueError("must be an integer >= 0, false, or absent")
+
+    @field_validator("n_train")
+    @classmethod
+    def _n_train(cls, v: Any) -> int | str | None:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            if v.strip().lower() == "all":
+                return "all"
+        elif is_int(v) and int(v) >= 1:
+            return int(v)
+        raise ValueError('must be an integer >= 1 or "all"')
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: Any) -> dict[str, Any]:
+        return to_jsonable(schedule_from_config(v.to_config() if isinstance(v, Schedule) else v).to_config())
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: Any) -> dict[str, Any]:
+        return validate_network_config(v)
+
+    @model_validator(mode="after")
+    def _between_fields(self) -> _TrainFields:
+        if (self.dataset is None) == (self.data_path is None):
+            raise ValueError("config needs exactly one of 'dataset' (a data set name) or 'data_path' (a file)")
+        if self.test_path is not None and self.data_path is None:
+            raise ValueError("config field 'test_path' needs 'data_path' (named data sets generate their own test data)")
+        if self.dataset is not None:
+            allowed = DATASETS[self.dataset].kwargs
+            unknown = set(self.dataset_kwargs) - set(allowed)
+            if unknown:
+                raise ValueError(f"config field 'dataset_kwargs': unknown parameter(s) {sorted(unknown)} for data set "
+                                 f"{self.dataset!r}; allowed: {sorted(allowed)}")
+            if self.n_train == "all":
+                raise ValueError("config field 'n_train' = \"all\" needs a data file ('data_path'); a data set "
+                                 "generates as many points as asked")
+            if self.n_train is None:
+                self.n_train = 3000
+        elif self.dataset_kwargs:
+            raise ValueError("config field 'dataset_kwargs' is only used with 'dataset'")
+        if self.n_train == "all":
+            self.n_train = None
+        self.dataset_kwargs = to_jsonable(dict(self.dataset_kwargs))
+        if self.n_train is not None and self.batch_size > self.n_train:
+            raise ValueError(f"config field 'batch_size' ({self.batch_size}) exceeds 'n_train' ({self.n_train}): "
+                             "an epoch would have no full batch")
+        return self
+
+
+def _validate_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """Run :class:`_TrainFields` on ``values``; a ValidationError becomes one HbarInputError
+    whose message names each bad field ("config field 'lr': input should be greater than 0
+    (got -1)")."""
+    try:
+        m = _TrainFields.model_validate(values)
+    except ValidationError as err:
+        msgs = []
+        for e in err.errors(include_url=False):
+            text = str(e["msg"]).removeprefix("Value error, ")
+            if not e["loc"]:  # a rule between fields: the message names them
+                msgs.append(text)
+                continue
+            field = e["loc"][0]
+            got = e.get("input")
+            msgs.append(text if text.startswith("config field") else
+                        f"config field {field!r}: {text[:1].lower()}{text[1:]} (got {got!r})")
+        raise HbarInputError("; ".join(dict.fromkeys(msgs))) from None
+    return {name: getattr(m, name) for name in values}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +184,13 @@ class TrainConfig:
     ``dataset_kwargs``) or ``data_path`` (a .npy/.npz/.csv/.txt file; ``test_path``
     optionally gives held-out points). ``n_train`` points are generated with ``data_seed``
     (default: ``seed``); ``n_test`` held-out points with data_seed + 1000003 (for data
-    sets with a fixed split, e.g. digits, the 'train' / 'test' parts). With a file,
-    ``n_train=None`` uses all rows, a smaller ``n_train`` a random subset.
+    sets with a fixed split, e.g. digits, the 'train' / 'test' parts). ``n_train`` left out
+    (None) or ``"all"``: every row of a file, 3000 points of a data set; a smaller number: a
+    random subset of the file. File paths are stored absolute (a relative path is resolved
+    against the current directory, or, in a config file, against that file's directory),
+    so a run can be resumed from anywhere. ``index_col``: see :func:`hbar.data.load_points`
+    (None: refuse a file whose first column looks like a row index; k: drop column k;
+    False: keep every column).
 
     Model and loss: ``schedule`` (``Schedule.to_config()`` dict, a name or a Schedule),
     ``network`` (see :func:`hbar.networks.validate_network_config`; ``d`` is filled in
@@ -61,7 +206,8 @@ class TrainConfig:
     dataset_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     data_path: str | None = None
     test_path: str | None = None
-    n_train: int | None = 3000
+    index_col: int | bool | None = None
+    n_train: int | str | None = None
     n_test: int = 1000
     data_seed: int | None = None
     schedule: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "simple"})
@@ -78,94 +224,11 @@ class TrainConfig:
 
     # ---- validation ------------------------------------------------------------
     def __post_init__(self) -> None:
-        set_ = functools.partial(object.__setattr__, self)
-
-        def need_int(name: str, lo: int, optional: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None and optional:
-                return
-            if not is_int(v) or int(v) < lo:
-                raise HbarInputError(f"config field {name!r} must be an integer >= {lo}, got {v!r}")
-            set_(name, int(v))
-
-        def need_str(name: str, optional: bool = True) -> None:
-            v = getattr(self, name)
-            if v is None and optional:
-                return
-            if not isinstance(v, str) or not v:
-                raise HbarInputError(f"config field {name!r} must be a non-empty string, got {v!r}")
-
-        # data
-        need_str("dataset")
-        need_str("data_path")
-        need_str("test_path")
-        if (self.dataset is None) == (self.data_path is None):
-            raise HbarInputError("config needs exactly one of 'dataset' (a data set name) or 'data_path' (a file)")
-        if self.test_path is not None and self.data_path is None:
-            raise HbarInputError("config field 'test_path' needs 'data_path' (named data sets generate their own test data)")
-        if not isinstance(self.dataset_kwargs, dict):
-            raise HbarInputError(f"config field 'dataset_kwargs' must be a table/dict, got {self.dataset_kwargs!r}")
-        if self.dataset is not None:
-            try:
-                name = canonical_name(self.dataset)
-            except HbarInputError as err:
-                raise HbarInputError(f"config field 'dataset': {err}") from None
-            set_("dataset", name)
-            allowed = DATASETS[name].kwargs
-            unknown = set(self.dataset_kwargs) - set(allowed)
-            if unknown:
-                raise HbarInputError(
-                    f"config field 'dataset_kwargs': unknown parameter(s) {sorted(unknown)} for data set "
-                    f"{name!r}; allowed: {sorted(allowed)}"
-                )
-        elif self.dataset_kwargs:
-            raise HbarInputError("config field 'dataset_kwargs' is only used with 'dataset'")
-        set_("dataset_kwargs", to_jsonable(dict(self.dataset_kwargs)))
-        need_int("n_train", 1, optional=self.data_path is not None)
-        need_int("n_test", 0)
-        need_int("data_seed", 0, optional=True)
-        # schedule
-        sch = self.schedule
-        if isinstance(sch, Schedule):
-            sch = sch.to_config()
-        try:
-            sched = schedule_from_config(sch)
-        except HbarInputError as err:
-            raise HbarInputError(f"config field 'schedule': {err}") from None
-        set_("schedule", to_jsonable(sched.to_config()))
-        # network
-        try:
-            set_("network", validate_network_config(self.network))
-        except HbarInputError as err:
-            raise HbarInputError(f"config field 'network': {err}") from None
-        # optimisation
-        for name in ("lr", "ema_decay"):
-            v = getattr(self, name)
-            if not _is_num(v) or not math.isfinite(float(v)):
-                raise HbarInputError(f"config field {name!r} must be a finite number, got {v!r}")
-            set_(name, float(v))
-        if not self.lr > 0:
-            raise HbarInputError(f"config field 'lr' must be > 0, got {self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise HbarInputError(f"config field 'ema_decay' must be in [0, 1), got {self.ema_decay}")
-        if self.grad_clip is not None:
-            if not _is_num(self.grad_clip) or not (math.isfinite(float(self.grad_clip)) and self.grad_clip > 0):
-                raise HbarInputError(f"config field 'grad_clip' must be a positive number or absent, got {self.grad_clip!r}")
-            set_("grad_clip", float(self.grad_clip))
-        need_int("batch_size", 1)
-        need_int("epochs", 1)
-        need_int("seed", 0)
-        need_int("checkpoint_every", 1)
-        if self.weighting not in WEIGHTINGS:
-            raise HbarInputError(f"config field 'weighting' must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if not isinstance(self.normalize_by_dim, (bool, np.bool_)):
-            raise HbarInputError(f"config field 'normalize_by_dim' must be true or false, got {self.normalize_by_dim!r}")
-        set_("normalize_by_dim", bool(self.normalize_by_dim))
-        if self.n_train is not None and self.batch_size > self.n_train:
-            raise HbarInputError(
-                f"config field 'batch_size' ({self.batch_size}) exceeds 'n_train' ({self.n_train}): "
-                "an epoch would have no full batch"
-            )
+        """Validate and normalise every field with the typed model :class:`_TrainFields`
+        (pydantic); any error becomes one HbarInputError naming the field."""
+        values = _validate_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        for name, v in values.items():
+            object.__setattr__(self, name, v)
 
     # ---- construction --------------------------------------------------------------
     @classmethod
@@ -260,6 +323,12 @@ class TrainConfig:
             raise
         except Exception as err:
             raise HbarInputError(f"{p}: cannot parse config ({type(err).__name__}: {err})") from err
+        if isinstance(d, dict):  # relative file paths are relative to the config file
+            base = os.path.dirname(os.path.abspath(p))
+            for key in ("data_path", "test_path"):
+                v = d.get(key)
+                if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v)):
+                    d = {**d, key: os.path.join(base, v)}
         try:
             return cls.from_dict(d)
         except HbarInputError as err:
@@ -293,15 +362,16 @@ def make_training_data(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray | None]
         x = load_dataset(cfg.dataset, cfg.n_train, seed, **kw_train)
         xt = load_dataset(cfg.dataset, cfg.n_test, seed + _TEST_SEED_OFFSET, **kw_test) if cfg.n_test > 0 else None
         return x, xt
-    x = load_points(cfg.data_path)
+    x = load_points(cfg.data_path, index_col=cfg.index_col)
     if cfg.n_train is not None:
         if cfg.n_train > x.shape[0]:
             raise HbarInputError(f"n_train={cfg.n_train} but {cfg.data_path} has only {x.shape[0]} rows")
         if cfg.n_train < x.shape[0]:
             x = x[np.sort(np.random.default_rng(seed).choice(x.shape[0], cfg.n_train, replace=False))]
     if cfg.batch_size > x.shape[0]:
-        raise HbarInputError(f"batch_size={cfg.batch_size} exceeds the {x.shape[0]} training points in {cfg.data_path}")
-    xt = load_points(cfg.test_path, d=x.shape[1]) if cfg.test_path is not None else None
+        raise HbarInputError(f"batch_size={cfg.batch_size} exceeds the {x.shape[0]} training points in {cfg.data_path} "
+                             "(set batch_size, CLI --batch-size, to at most the number of rows)")
+    xt = load_points(cfg.test_path, d=x.shape[1], index_col=cfg.index_col) if cfg.test_path is not None else None
     return x, xt
 
 

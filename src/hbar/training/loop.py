@@ -80,7 +80,7 @@ def _run_chunk(state, data, train_key, e0, *, static, schedule, hp: _Hyper, n_ep
         loss, grads = jax.value_and_grad(loss_fn)(params, data[idx], key)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - hp.ema_decay) * (p - e), ema, params)
+        ema = optax.incremental_update(params, ema, step_size=1.0 - hp.ema_decay)  # optax's EMA of the weights
         return (params, ema, opt_state), loss
 
     def epoch(carry, e):
@@ -188,7 +188,8 @@ def train(
 
     have_ckpt = ckpt_path is not None and os.path.exists(ckpt_path)
     if have_ckpt and not resume and not overwrite:
-        raise HbarInputError(f"{rd} already holds a checkpoint; pass resume=True to continue or overwrite=True to restart")
+        raise HbarInputError(f"{rd} already holds a checkpoint; continue it with resume=True (CLI: --resume) or "
+                             "start again with overwrite=True (CLI: --overwrite)")
     if have_ckpt and not resume:  # overwrite: never leave a stale checkpoint next to a new config
         for f in (CHECKPOINT_FILE, LOSSES_FILE):
             if os.path.exists(os.path.join(rd, f)):

@@ -11,7 +11,9 @@ removes the b hx^p term exactly. Three consecutive levels Q_0, Q_1, Q_2 measure 
 
 and the error estimate of R is |R_k - R_{k-1}| once p_obs is close to p (asymptotic range),
 else the more cautious max(|R_k - R_{k-1}|, |Q_k - Q_{k-1}|); with two levels only it is
-|Q_k - Q_{k-1}|. All functions are pure, elementwise over NumPy arrays (any broadcastable shapes),
+|Q_k - Q_{k-1}|. With three levels the extrapolation itself uses the observed order when it is
+not the nominal one but a plausible measured order, and is skipped when the observed order is
+erratic (:func:`extrapolation_order`). All functions are pure, elementwise over NumPy arrays (any broadcastable shapes),
 and used by :func:`hbar.references.fokker_planck_nll` for the mean NLL and for every point.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["richardson_extrapolate", "observed_order", "is_asymptotic", "error_estimate"]
+__all__ = ["richardson_extrapolate", "observed_order", "is_asymptotic", "error_estimate", "extrapolation_order"]
 
 
 def richardson_extrapolate(coarse: Any, fine: Any, ratio: float, order: Any) -> np.ndarray:
@@ -58,3 +60,17 @@ def error_estimate(r_prev: Any, r_new: Any, dq: Any, asymptotic: Any) -> np.ndar
     else max(|r_new - r_prev|, dq) with dq = |Q_k - Q_{k-1}| (the raw level difference)."""
     e_r = np.abs(np.asarray(r_new, dtype=float) - np.asarray(r_prev, dtype=float))
     return np.where(np.asarray(asymptotic, dtype=bool), e_r, np.maximum(e_r, np.asarray(dq, dtype=float)))
+
+
+def extrapolation_order(p_obs: Any, order: Any, lo: float = 0.5) -> np.ndarray:
+    """The order to extrapolate with, elementwise: the nominal ``order`` where the observed
+    order is asymptotic (:func:`is_asymptotic`) or higher than nominal (the level differences
+    shrink at least as fast as assumed); the observed order itself where it is a measured order
+    in [lo, order) (e.g. p_obs ~ 1 from a nominally second-order scheme whose solution is not yet
+    resolved, where extrapolating with the nominal order would under-correct); NaN (do not
+    extrapolate) where it is erratic (NaN: non-monotone or unmeasurable, or below lo)."""
+    p_obs = np.asarray(p_obs, dtype=float)
+    order = np.broadcast_to(np.asarray(order, dtype=float), p_obs.shape)
+    nominal = is_asymptotic(p_obs, order) | (np.isfinite(p_obs) & (p_obs >= order))
+    measured = np.isfinite(p_obs) & (p_obs >= lo) & (p_obs < order)
+    return np.where(nominal, order, np.where(measured, p_obs, np.nan))

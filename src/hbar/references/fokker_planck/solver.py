@@ -19,7 +19,7 @@ from hbar.validation import HbarInputError, check_h, check_number, check_points,
 from .convergence import FokkerPlanckDensity, FokkerPlanckLevel, FokkerPlanckResult
 from .grid import Grid, feature_scale, resolve_box, time_nodes
 from .operator import make_face_drift
-from .richardson import error_estimate, is_asymptotic, observed_order, richardson_extrapolate
+from .richardson import error_estimate, extrapolation_order, is_asymptotic, observed_order, richardson_extrapolate
 from .stepper import solve_level
 
 __all__ = ["fokker_planck_nll", "fokker_planck_density"]
@@ -220,6 +220,7 @@ def fokker_planck_nll(
     err = np.full(nh, np.nan)
     obs = np.full(nh, np.nan)
     converged = np.zeros(nh, bool)
+    no_extrap: set[float] = set()
     n_run = levels if levels is not None else max_levels
     for k in range(n_run):
         cells = n0 * refine**k
@@ -249,13 +250,29 @@ def fokker_planck_nll(
             Q[ih] = mean_se(P)[0]
             H = hist[ih]
             if H:
-                R[ih] = float(richardson_extrapolate(H[-1][0], Q[ih], refine, order[ih]))
-                RP = richardson_extrapolate(H[-1][1], P, refine, order[ih])
                 dq = abs(Q[ih] - H[-1][0])
+                p_use = order[ih]
                 if len(H) >= 2 and np.isfinite(H[-1][2]):
                     obs[ih] = float(observed_order(H[-2][0], H[-1][0], Q[ih], refine))
+                    p_use = float(extrapolation_order(obs[ih], order[ih]))
+                if not np.isfinite(p_use):
+                    # erratic observed order: no extrapolation, the raw finest value with error |dQ|
+                    R[ih], RP = Q[ih], P
+                    err[ih] = dq
+                    no_extrap.add(float(hs[ih]))
+                elif len(H) >= 2 and np.isfinite(H[-1][2]):
+                    no_extrap.discard(float(hs[ih]))
+                    R[ih] = float(richardson_extrapolate(H[-1][0], Q[ih], refine, p_use))
+                    # per point with its own observed order (the mean's order can be distorted by
+                    # cancellation between points); erratic points keep their raw finest value
+                    p_pts = extrapolation_order(observed_order(H[-2][1], H[-1][1], P, refine), order[ih])
+                    RP = np.where(np.isfinite(p_pts),
+                                  richardson_extrapolate(H[-1][1], P, refine, np.where(np.isfinite(p_pts), p_pts, 1.0)),
+                                  P)
                     err[ih] = float(error_estimate(H[-1][2], R[ih], dq, is_asymptotic(obs[ih], order[ih])))
                 else:
+                    R[ih] = float(richardson_extrapolate(H[-1][0], Q[ih], refine, order[ih]))
+                    RP = richardson_extrapolate(H[-1][1], P, refine, order[ih])
                     obs[ih] = np.nan
                     err[ih] = dq
                 final_val[ih], final_pts[ih] = R[ih], RP
@@ -278,6 +295,8 @@ def fokker_planck_nll(
             break
 
     res_levels = tuple(level_reports)
+    for h in sorted(no_extrap):
+        flags.append(f"h={h:g}: erratic observed order: not extrapolated (raw finest value, error = last level change)")
     for ih, h in enumerate(hs):
         solved = [L for L in res_levels if np.isfinite(L.nll[ih])]
         fails = [L.cells for L in res_levels if L.failed[ih]]

@@ -70,6 +70,14 @@ class ReproduceConfig:
     w2_n: int = 3000
     w2_steps: int = 1000
     sample_plot_h: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 1.0)
+    # ---- step-converged path-integral NLL(h) (hbar.path.converged_path_nll) on the C2 points
+    path_h: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
+    path_points: int = 30                    # first valid test points (WKB-2 / Pade need n_c2 >= path_points)
+    path_tol: float = 1e-2                   # on both the MC s.e. and the discretisation error (nats)
+    path_steps0: int = 100
+    path_max_steps: int = 1600
+    path_n_paths: int = 128
+    path_max_paths: int = 2048
     demo: bool = False
 
     # ---- constructors ------------------------------------------------------------------
@@ -90,7 +98,7 @@ class ReproduceConfig:
             fd_tols=((1e-3, 1e-5),), fp_h=(0.1, 0.2, 0.5, 1.0), fp_points=300, fp_max_cells=64 * 64,
             fp_max_levels=3, fp_fine_models=(), w2_h_small=(0.0, 0.05, 0.1, 0.15, 0.2), w2_trials=1,
             w2_h_wide=(0.0, 0.5, 1.0),
-            w2_n=1000, w2_steps=500,
+            w2_n=1000, w2_steps=500, path_points=20,
         )
         base.update(kw)
         return cls(**base)
@@ -107,7 +115,8 @@ class ReproduceConfig:
             n_c2=0, n_fd=2, fd_tols=((1e-2, 1e-3),), fp_h=(0.5, 1.0), fp_points=24, fp_tol=1e-1,
             fp_max_cells=48 * 48, fp_max_levels=2, fp_fine_models=("swiss_roll-simple",), fp_fine_grid=16,
             fp_fine_levels=2, w2_h_small=(0.0, 0.2), w2_trials=1, w2_h_wide=(0.0, 1.0),
-            w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0),
+            w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0), path_h=(1.0,), path_points=2,
+            path_tol=0.2, path_steps0=10, path_max_steps=20, path_n_paths=32, path_max_paths=32,
         )
         base.update(kw)
         return cls(**base)
@@ -122,6 +131,8 @@ class ReproduceConfig:
             fp_tol=2e-2, fp_max_cells=48 * 48 if quick else 64 * 64, fp_max_levels=2 if quick else 3, fp_fine_models=(),
             w2_h_small=(0.0, 0.05, 0.1, 0.2), w2_trials=1, w2_h_wide=(0.0, 0.5, 1.0), w2_trials_wide=1,
             w2_n=500 if quick else 1000, w2_steps=300 if quick else 500, sample_plot_h=(0.0, 0.1, 0.5, 1.0),
+            path_h=(0.1, 0.2, 0.5, 1.0), path_points=10 if quick else 20, path_tol=3e-2 if quick else 1.5e-2,
+            path_max_steps=400 if quick else 800,
         )
         base.update(kw)
         return cls(**base)
@@ -132,7 +143,8 @@ class ReproduceConfig:
         process running both reuses the compiled solvers."""
         base = dict(name="demo-tiny", epochs=5, n_test=16, nll_tol=1e-3, bound=1000.0, n_c2=2, fp_h=(0.5, 1.0), fp_points=16,
                     fp_tol=1e-1, fp_max_cells=48 * 48, fp_max_levels=2, w2_h_small=(0.0, 0.2), w2_h_wide=(0.0, 1.0),
-                    w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0))
+                    w2_n=100, w2_steps=20, sample_plot_h=(0.0, 1.0), path_h=(0.5, 1.0), path_points=2,
+                    path_tol=0.2, path_steps0=10, path_max_steps=40, path_n_paths=32, path_max_paths=64)
         base.update(kw)
         return cls.demo_config(quick=True, **base)
 

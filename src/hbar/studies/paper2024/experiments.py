@@ -2,7 +2,8 @@
 
 One function per stage kind, each ``(out_dir, cfg, dataset, schedule, seed, stages, stage, ...)
 -> (json dict, arrays dict | None)``: ``train``, ``nll`` (NLL0 and C1 on the held-out points,
-Table 1), ``c2`` (order-2 coefficient on a subset), ``fd`` (the paper's finite-difference C1
+Table 1), ``c2`` (order-2 coefficient on a subset), ``path`` (step-converged path-integral NLL(h) with
+the WKB series, its radius and Pade resummation on the same points), ``fd`` (the paper's finite-difference C1
 against the exact one), ``fp`` / ``fpfine`` (Fokker-Planck NLL(h)) and ``w2`` / ``w2wide``
 (W2 of samples against fresh data). Learned networks are evaluated in float64 for likelihoods
 and WKB coefficients and in their own float32 for sampling (as the paper).
@@ -24,6 +25,7 @@ from hbar import nll, sample
 from hbar.data import dataset_entropy, load_dataset
 from hbar.metrics import w2_empirical
 from hbar.ode import ODEOptions
+from hbar.path import converged_path_nll
 from hbar.references import fokker_planck_nll
 from hbar.training import load_checkpoint, make_training_data, train
 
@@ -31,7 +33,8 @@ from ._util import mse, summary
 from .config import ReproduceConfig, model_name, model_train_config
 from .stages import StageRunner
 
-__all__ = ["Float32Score", "stage_train", "stage_nll", "stage_c2", "stage_fd", "stage_fp", "stage_w2", "FD_STEP"]
+__all__ = ["Float32Score", "stage_train", "stage_nll", "stage_c2", "stage_fd", "stage_fp", "stage_w2", "stage_path",
+           "FD_STEP"]
 
 FD_STEP = 0.01  # the step of the paper's central differences in h (method="finite-difference")
 
@@ -234,4 +237,43 @@ def stage_w2(out_dir, cfg, ds, sch, seed, stages, stage, hs, trials, salt):
     arrays = dict(first)
     arrays["h"] = np.asarray(hs, float)
     arrays["data"] = load_dataset(ds, cfg.w2_n, seed=seed * 1000 + 900000).astype(np.float32)
+    return js, arrays
+
+
+def stage_path(out_dir, cfg, ds, sch, seed, stages, stage, nll_arr, fp_js=None, fp_arr=None):
+    """Step-converged path-integral NLL(h) (:func:`hbar.path.converged_path_nll`) on the first
+    ``path_points`` valid test points, and on the same points: NLL0, C1 and the Fokker-Planck
+    values of the ``fp`` stage restricted to them (with that stage's error estimate and flag).
+    The WKB-2 series on these points (radius, Pade) is derived from the ``c2`` stage by
+    :func:`.analysis.path_series` when the results are collected."""
+    score, schedule = _load_model(out_dir, ds, sch)
+    idx = np.nonzero(nll_arr["valid"])[0][: cfg.path_points]
+    x = nll_arr["x"][idx]
+    hs = [float(h) for h in cfg.path_h]
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 31)
+    n_lev = int(math.floor(math.log2(cfg.path_max_steps / cfg.path_steps0))) + 1
+    done = {"i": 0}
+
+    def prog(h, lev, tot):
+        done["i"] += 1
+        stages.report(stage, done["i"], len(hs) * n_lev)
+
+    r = converged_path_nll(score, schedule, x, hs, key, tol=cfg.path_tol, steps0=cfg.path_steps0,
+                           max_steps=cfg.path_max_steps, n_paths=cfg.path_n_paths, max_paths=cfg.path_max_paths,
+                           progress=prog)
+    nll0, c1 = nll_arr["nll0"][idx], nll_arr["c1"][idx]
+    js: dict[str, Any] = {"n": int(len(idx)), "h": hs, "tol": cfg.path_tol, "grid": r.grid,
+                          "rows": r.rows(), "ladder": r.ladder, "flags": list(r.flags), "report": r.report(),
+                          "nll0_same_points": mse(nll0), "c1_same_points": mse(c1), "fp": None}
+    arrays: dict[str, np.ndarray] = {"idx": idx, "nll_points": r.nll_points}
+    # Fokker-Planck on the same points (its error estimate is that of its mean over all its points)
+    if fp_js is not None and fp_arr is not None:
+        pos = {int(i): k for k, i in enumerate(fp_arr["idx"])}
+        if all(int(i) in pos for i in idx):
+            k = np.array([pos[int(i)] for i in idx])
+            fh = [float(h) for h in fp_js["h"]]
+            pts = np.asarray(fp_arr["nll_points"], float)
+            js["fp"] = {"h": fh, "nll": [float(np.mean(pts[j][k])) if pts.ndim == 2 else math.nan
+                                         for j in range(len(fh))],
+                        "error": fp_js["error"], "converged": fp_js["converged"], "n_fp": fp_js["n"]}
     return js, arrays

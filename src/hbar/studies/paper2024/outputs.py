@@ -14,10 +14,10 @@ import numpy as np
 from hbar.serialization import atomic_write
 
 from . import plots
-from .report import nice_name, render_markdown, table1_rows
+from .report import NLL_H_COLUMNS, nice_name, nll_h_rows, render_markdown, table1_rows
 from .stages import load_stage
 
-__all__ = ["write_outputs", "write_figures", "write_csvs"]
+__all__ = ["write_outputs", "write_figures", "write_csvs", "nll_h_figure_args", "nll_h_rows"]
 
 
 def _csv(path: str, header: list[str], rows: list[list[Any]]) -> str:
@@ -69,16 +69,21 @@ def write_csvs(out_dir: str, results: dict[str, Any]) -> list[str]:
         files.append(_csv(os.path.join(out_dir, "gauss1d.csv"), ["eps", "h", "nll_closed_form_expectation",
                                                                   "nll_closed_form_points", "w2_closed_form",
                                                                   "nll_wkb1", "nll_wkb2"], grows))
+    hrows = [[m] + row for m, r in results["models"].items() if r.get("path") for row in nll_h_rows(r["path"])]
+    if hrows:
+        files.append(_csv(os.path.join(out_dir, "nll_h.csv"), ["model"] + NLL_H_COLUMNS, hrows))
     mrows = []
     for m, r in results["models"].items():
         mm = r.get("minimisers") or {}
         if mm:
-            mrows.append([m, mm.get("c1"), mm.get("c2"), mm.get("h_star_wkb2"), mm.get("h_min_nll_fp"),
-                          mm.get("h_min_nll_fp_converged"), mm.get("h_min_w2_small"), mm.get("h_min_w2_wide")])
+            mrows.append([m, mm.get("c1"), mm.get("c2"), mm.get("radius_median"), mm.get("h_star_wkb2"),
+                          mm.get("h_star_wkb2_outside_radius"), mm.get("h_min_nll"), mm.get("h_min_nll_source"),
+                          mm.get("h_min_nll_fp"), mm.get("h_min_w2_small"), mm.get("h_min_w2_wide")])
     if mrows:
-        files.append(_csv(os.path.join(out_dir, "minimisers.csv"), ["model", "c1", "c2", "h_star_wkb2", "h_min_nll_fp",
-                                                                     "fp_min_converged", "h_min_w2_small",
-                                                                     "h_min_w2_wide"], mrows))
+        files.append(_csv(os.path.join(out_dir, "minimisers.csv"),
+                          ["model", "c1", "c2", "radius_median", "h_star_wkb2_inside_radius", "h_star_wkb2_outside_radius",
+                           "h_min_nll_converged_brute_force", "h_min_nll_source", "h_min_nll_fp_converged_only",
+                           "h_min_w2_small", "h_min_w2_wide"], mrows))
     return files
 
 
@@ -96,6 +101,20 @@ def _gauss1d_cases(g: dict[str, Any]) -> list[dict[str, Any]]:
     return cases
 
 
+def nll_h_figure_args(pth: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`plots.plot_nll_h_converged` from a ``path`` stage (all on its points)."""
+    ser, fp, rows = pth.get("series"), pth.get("fp"), pth["rows"]
+    kw: dict[str, Any] = dict(nll0=pth["nll0_same_points"][0], c1=pth["c1_same_points"][0], h_max=max(pth["h"]),
+                              h_path=[r["h"] for r in rows], nll_path=[r["nll"] for r in rows],
+                              err_path=[r["total_error"] for r in rows], conv_path=[r["converged"] for r in rows])
+    if ser:
+        kw.update(c2=ser["c2"][0], radius=ser["radius_median"], h_grid=ser["h_grid"], pade=ser["pade"],
+                  pade_frac=ser["pade_frac"])
+    if fp:
+        kw.update(h_fp=fp["h"], nll_fp=fp["nll"], err_fp=fp["error"], conv_fp=fp["converged"])
+    return kw
+
+
 def write_figures(out_dir: str, results: dict[str, Any]) -> dict[str, str]:
     """All figures; returns {key: absolute path}."""
     fig_dir = os.path.join(out_dir, "figures")
@@ -108,7 +127,12 @@ def write_figures(out_dir: str, results: dict[str, Any]) -> dict[str, str]:
     floors_sq: dict[str, float] = {}
     for m, r in results["models"].items():
         nl, c2, fp = r.get("nll"), r.get("c2"), r.get("fpfine") or r.get("fp")
-        if nl:
+        pth = r.get("path")
+        if nl and pth:
+            figs[f"nll_h/{m}"] = plots.plot_nll_h_converged(os.path.join(fig_dir, f"nll_h_{m}.png"),
+                                                            title=f"{nice_name(m)}: NLL(h) on {pth['n']} test points",
+                                                            **nll_h_figure_args(pth))
+        elif nl:
             figs[f"nll_h/{m}"] = plots.plot_nll_h(
                 os.path.join(fig_dir, f"nll_h_{m}.png"),
                 nll0=fp["nll0_same_points"][0] if fp else nl["nll0"]["mean"],

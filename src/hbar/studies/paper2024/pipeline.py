@@ -14,16 +14,16 @@ from typing import Any
 
 import jax
 
-from .analysis import minimisers, robust_summary
+from .analysis import minimisers, path_series, robust_summary
 from .config import ReproduceConfig, model_name, models_of
-from .experiments import stage_c2, stage_fd, stage_fp, stage_nll, stage_train, stage_w2
+from .experiments import stage_c2, stage_fd, stage_fp, stage_nll, stage_path, stage_train, stage_w2
 from .gauss1d import stage_gauss1d
 from .outputs import write_outputs
 from .stages import Progress, StageRunner, load_stage, pin_config, read_json, utc_now, write_json
 
 __all__ = ["run_reproduce", "run_demo", "collect_results"]
 
-_KINDS = ("train", "nll", "c2", "fd", "fp", "fpfine", "w2", "w2wide")
+_KINDS = ("train", "nll", "c2", "fd", "fp", "fpfine", "path", "w2", "w2wide")
 
 
 def collect_results(out_dir: str, cfg: ReproduceConfig, seed: int, complete: bool) -> dict[str, Any]:
@@ -42,8 +42,12 @@ def collect_results(out_dir: str, cfg: ReproduceConfig, seed: int, complete: boo
         robust = None
         if g["nll"]:
             robust = robust_summary(load_stage(out_dir, f"nll/{m}")[1], load_stage(out_dir, f"c2/{m}")[1] if g["c2"] else None)
+        if g["path"] and g["c2"]:
+            g["path"] = dict(g["path"], series=path_series(load_stage(out_dir, f"c2/{m}")[1],
+                                                           load_stage(out_dir, f"path/{m}")[1]["idx"], g["path"]["h"]))
         models[m] = {"dataset": ds, "schedule": sc, **g, "robust": robust,
-                     "minimisers": minimisers(g["nll"], g["c2"], g["fpfine"] or g["fp"], g["w2"], g["w2wide"])}
+                     "minimisers": minimisers(g["nll"], g["c2"], g["fpfine"] or g["fp"], g["w2"], g["w2wide"],
+                                              path_js=g["path"])}
     stage_seconds = {k: v.get("seconds") for k, v in stages.items()}
     return {"kind": "demo" if cfg.demo else "reproduce", "config": cfg.to_dict(), "seed": seed, "complete": complete,
             "stages_finished": sorted(stages), "stage_seconds": stage_seconds,
@@ -98,6 +102,11 @@ def _run(out_dir: str | os.PathLike, cfg: ReproduceConfig, seed: int, progress: 
             if m in cfg.fp_fine_models:
                 st.run(f"fpfine/{m}", lambda: stage_fp(out_dir, cfg, ds, sc, seed, st, f"fpfine/{m}", nll_arrays[m],
                                                        fine=True))
+    if cfg.path_h and cfg.path_points > 0:
+        for ds, sc, m in models:
+            fp_js, fp_arr = load_stage(out_dir, f"fp/{m}") if cfg.fp_h else (None, None)
+            st.run(f"path/{m}", lambda: stage_path(out_dir, cfg, ds, sc, seed, st, f"path/{m}", nll_arrays[m], fp_js,
+                                                   fp_arr))
     if cfg.w2_h_wide:
         for ds, sc, m in models:
             st.run(f"w2wide/{m}", lambda: stage_w2(out_dir, cfg, ds, sc, seed, st, f"w2wide/{m}", list(cfg.w2_h_wide),

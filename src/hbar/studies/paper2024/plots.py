@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_gauss1d", "plot_samples_grid", "plot_samples_single", "plot_nll_h", "plot_w2_h", "plot_fd_vs_exact"]
+__all__ = ["plot_gauss1d", "plot_samples_grid", "plot_samples_single", "plot_nll_h", "plot_nll_h_converged", "plot_w2_h",
+           "plot_fd_vs_exact"]
 
 
 def _figure(w: float, h: float) -> Figure:
@@ -154,6 +155,65 @@ def plot_nll_h(path: str | os.PathLike, *, nll0: float, c1: float, c2: float | N
     ax.set_ylabel("NLL (nats)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_nll_h_converged(path: str | os.PathLike, *, nll0: float, c1: float, h_max: float, c2: float | None = None,
+                         radius: float | None = None, h_grid: Any = None, pade: Any = None, pade_frac: Any = None,
+                         h_path: Any = None, nll_path: Any = None, err_path: Any = None, conv_path: Any = None,
+                         h_fp: Any = None, nll_fp: Any = None, err_fp: Any = None, conv_fp: Any = None,
+                         title: str = "") -> str:
+    """NLL(h) on one set of points: NLL0 (h = 0); the WKB lines of order 1 and 2, drawn only for
+    h < ``radius`` (the series' radius estimate; nothing of them beyond it); the per-point [0/1]
+    Pade resummation (``h_grid``, ``pade``: mean over the points below their pole, ``pade_frac``
+    the share of such points; solid where it is 1, dashed where less); step-converged
+    path-integral values with their total error bars (filled; unconverged ones hollow and
+    labelled as such) and Fokker-Planck values (filled where converged; unconverged ones hollow,
+    labelled "not converged")."""
+    fig = _figure(5.6, 4.0)
+    ax = fig.subplots()
+    rho = math.inf if radius is None or not math.isfinite(radius) else float(radius)
+    h_in = min(h_max, rho)
+    hg = np.linspace(0.0, h_in, 101)
+    lab_r = "" if rho >= h_max else f", h < radius {rho:.3g}"
+    ax.plot(hg, nll0 + c1 * hg, "C0--", label=f"WKB 1 (C1 = {c1:.3g}{lab_r})")
+    if c2 is not None and math.isfinite(c2):
+        ax.plot(hg, nll0 + c1 * hg + c2 * hg**2, "C1-.", label=f"WKB 2 (C2 = {c2:.3g}{lab_r})")
+    if rho < h_max:
+        ax.axvline(rho, color="0.6", ls=":", lw=1, label="median per-point radius")
+    if h_grid is not None and pade is not None:
+        hp, pv = _arr(h_grid), _arr(pade)
+        full = np.ones_like(hp, bool) if pade_frac is None else _arr(pade_frac) >= 1.0
+        ax.plot(hp, np.where(full, pv, np.nan), "C4-", lw=1.5, label="[0/1] Pade, per point, mean")
+        if (~full).any():
+            ax.plot(hp, np.where(~full | np.r_[False, ~full[:-1]], pv, np.nan), "C4--", lw=1,
+                    label="[0/1] Pade, mean over points below their pole")
+    ax.plot([0.0], [nll0], "ko", ms=5, label="NLL0 (exact PF ODE)")
+    vals = [nll0]
+
+    def _markers(h, v, e, c, color, fmt, name):
+        if h is None or not len(h):
+            return
+        h, v, e = _arr(h), _arr(v), _arr(e)
+        c = np.ones_like(h, bool) if c is None else np.asarray(c, bool)
+        ok = c & np.isfinite(v)
+        if ok.any():
+            ax.errorbar(h[ok], v[ok], yerr=e[ok], fmt=fmt, color=color, ms=6, capsize=3, label=f"{name} (converged)")
+            vals.extend(v[ok])
+        bad = ~c & np.isfinite(v)
+        if bad.any():
+            ax.errorbar(h[bad], v[bad], yerr=e[bad], fmt=fmt, color=color, mfc="none", ms=6, capsize=3, alpha=0.6,
+                        label=f"{name} (NOT converged, not a reference)")
+
+    _markers(h_path, nll_path, err_path, conv_path, "C3", "^", "path integral")
+    _markers(h_fp, nll_fp, err_fp, conv_fp, "C2", "s", "Fokker-Planck")
+    span = max(vals) - min(vals)
+    ax.set_ylim(min(vals) - 0.5 * span - 0.05, max(vals) + 0.5 * span + 0.05)
+    ax.set_xlim(-0.02 * h_max, 1.05 * h_max)
+    ax.set_xlabel("h")
+    ax.set_ylabel("NLL (nats), mean over the same points")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6.5)
     return _save(fig, path)
 
 

@@ -19,7 +19,8 @@ from typing import Any
 from .analysis import w2_slope
 from .paper import PAPER_EPOCHS, PAPER_N_TEST, PAPER_TABLE1, PAPER_W2_TRIALS
 
-__all__ = ["render_markdown", "load_notes", "table1_rows", "SECTIONS", "expected_stages", "nice_name"]
+__all__ = ["render_markdown", "load_notes", "table1_rows", "SECTIONS", "expected_stages", "nice_name", "nll_h_rows",
+           "NLL_H_COLUMNS"]
 
 NICE = {"swiss_roll": "Swiss roll", "25gaussians": "25 Gaussians", "simple": "SIMPLE", "cosine": "COSINE"}
 Results = dict[str, Any]
@@ -337,10 +338,116 @@ def section_fp(results: Results) -> list[str]:
                 lab = nice_name(m) + (" (fine grids)" if key == "fpfine" else "")
                 L.append(f"- FP flags for {lab}: " + "; ".join(dict.fromkeys(r[key]["flags"])))
     L.append("")
-    for m in results["models"]:
-        if _fig(results, f"nll_h/{m}"):
+    for m, r in results["models"].items():
+        if _fig(results, f"nll_h/{m}") and not r.get("path"):
             L.append(f"![NLL(h) {m}]({_fig(results, f'nll_h/{m}')})")
     return L + [""]
+
+
+NLL_H_COLUMNS = ["h", "n_points", "nll0", "wkb1", "wkb2", "pade", "trunc_err_wkb2", "inside_radius_frac", "path_nll",
+                 "path_mc_se", "path_disc_error", "path_total_error", "path_converged", "path_steps", "path_paths",
+                 "path_observed_order", "fp_nll", "fp_error", "fp_converged", "pade_frac_points_below_pole"]
+
+
+def nll_h_rows(pth: dict[str, Any]) -> list[list[Any]]:
+    """One row per h of a ``path`` stage (columns :data:`NLL_H_COLUMNS`), everything on its points."""
+    ser, fp = pth.get("series"), pth.get("fp") or {}
+    fpi = {float(h): i for i, h in enumerate(fp.get("h", []))}
+    out = []
+    for i, r in enumerate(pth["rows"]):
+        h = float(r["h"])
+        j = fpi.get(h)
+        s = [ser["wkb1_at_h"][i], ser["wkb2_at_h"][i], ser["pade_at_h"][i], ser["trunc_err2_at_h"][i],
+             ser["frac_inside_at_h"][i]] if ser else [None] * 5
+        f = [fp["nll"][j], fp["error"][j], fp["converged"][j]] if j is not None else [None] * 3
+        out.append([h, pth["n"], pth["nll0_same_points"][0]] + s + [r["nll"], r["mc_se"], r["disc_error"],
+                   r["total_error"], r["converged"], r["steps"], r["n_paths"], r["observed_order"]] + f
+                   + [ser["pade_frac_at_h"][i] if ser else None])
+    return out
+
+
+
+def _path_agreement(pth: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """(h, path - FP, combined error) where both the path integral and FP converged on these points."""
+    fp = pth.get("fp") or {}
+    fpi = {float(h): i for i, h in enumerate(fp.get("h", []))}
+    out = []
+    for r in pth["rows"]:
+        j = fpi.get(float(r["h"]))
+        if j is None or not (r["converged"] and fp["converged"][j]) or fp["nll"][j] is None or fp["error"][j] is None:
+            continue
+        out.append((float(r["h"]), r["nll"] - fp["nll"][j], math.hypot(r["total_error"], fp["error"][j])))
+    return out
+
+
+def section_nll_h(results: Results) -> list[str]:
+    """NLL(h) on the path-stage points: the series inside its radius, Pade, converged brute force."""
+    models = {m: r["path"] for m, r in results["models"].items() if r.get("path")}
+    if not models:
+        return []
+    cfg = results["config"]
+    L = ["### NLL(h): the WKB series inside its radius against converged brute force", ""]
+    L += [f"On the first {cfg['path_points']} valid test points (the same points for every column): NLL0 and C1 "
+          "(order 1), C2 from the order-2 stage, the WKB lines NLL0 + h C1 (+ h² C2), the [0/1] Pade resummation "
+          "NLL0 + h C1 / (1 - h C2/C1) per point and averaged, and the step-converged path-integral NLL(h) of "
+          f"`converged_path_nll` (tol {cfg['path_tol']:g} nats on both the Monte Carlo s.e. and the estimated "
+          f"discretisation error; ladder {cfg['path_steps0']}, {2 * cfg['path_steps0']}, ... up to "
+          f"{cfg['path_max_steps']} steps, {cfg['path_n_paths']} to {cfg['path_max_paths']} paths per point, coupled "
+          "levels, control variate). The Fokker-Planck column is the `fp` stage's per-point values averaged over the "
+          "same points; its error estimate is the one the solver gave for its mean over all its points.", ""]
+    for m, pth in models.items():
+        ser = pth.get("series")
+        lab = nice_name(m)
+        if ser:
+            rho = ser["radius_median"]
+            L += [f"**{lab}**: per-point radius estimate |C1/C2| of the h-series: median {fmt(rho)} (10 % / 90 % "
+                  f"quantiles {fmt(ser['radius_q10'])} / {fmt(ser['radius_q90'])}). The WKB lines of the figure are "
+                  f"drawn only for h < {fmt(rho)} (the median radius); 'inside' is the fraction of points with "
+                  "h < radius/2; 'trunc. err.' the estimated truncation error of WKB-2 (inf when some point is "
+                  "beyond its radius). The Pade value is the mean over the points below their pole (where a point's "
+                  "C1 and C2 have the same sign its [0/1] approximant has a pole at h = C1/C2); the share of points "
+                  "it covers is given where it is not all of them, and the figure draws that part dashed.", ""]
+        else:
+            L += [f"**{lab}**: no C2 on these points (n_c2 < path_points): no WKB-2, radius or Pade.", ""]
+        rows = []
+        for row in nll_h_rows(pth):
+            (h, _n, n0, w1, w2, pd, te, fin, pv, pmc, pdisc, ptot, pconv, pst, ppa, _po, fv, fe, fc, pfr) = row
+            d = ""
+            if pconv and fc and fv is not None and fe is not None:
+                comb = math.hypot(ptot, fe)
+                d = f"{(pv - fv) / comb:+.1f}"
+            pade = fmt(pd, 4) if pfr is None or pfr == 1 else f"{fmt(pd, 4)} ({pfr:.0%} of points)"
+            trunc = "inf" if te is not None and math.isinf(te) else fmt(te, 3)
+            rows.append([f"{h:g}", fmt(w1, 4), fmt(w2, 4), pade, trunc, fmt(fin, 2),
+                         f"{fmt(pv, 4)} ± {fmt(pmc, 4)} ± {fmt(pdisc, 4)}", "yes" if pconv else "**no**",
+                         f"{pst} / {ppa}", fmt(fv, 4), fmt(fe, 3), "" if fc is None else ("yes" if fc else "**no**"), d])
+        L += [f"NLL0 on these points: {fmt(pth['nll0_same_points'][0], 4)}.", ""]
+        L += table(["h", "WKB-1", "WKB-2", "Pade [0/1]", "trunc. err. WKB-2", "inside", "path integral ± MC ± disc.",
+                    "path converged", "steps / paths", "FP (same points)", "FP error est.", "FP converged",
+                    "(path - FP) / combined error"], rows)
+        agree = _path_agreement(pth)
+        n_conv = sum(bool(r["converged"]) for r in pth["rows"])
+        txt = f"The path integral converged at {n_conv} of {len(pth['rows'])} h values"
+        if agree:
+            within = sum(abs(dv) <= 2 * e for _, dv, e in agree)
+            txt += (f"; where FP also converged ({len(agree)} h: {', '.join(f'{h:g}' for h, _, _ in agree)}) the two "
+                    f"agree within 2 combined errors at {within} of them")
+        else:
+            txt += "; at no h did both the path integral and FP converge, so they are not compared"
+        L += [txt + ".", ""]
+        lrows = []
+        for r, lad in zip(pth["rows"], pth["ladder"]):
+            lrows.append([f"{r['h']:g}", "; ".join(f"{lv['steps']}: {fmt(lv['nll'], 4)} (d {fmt(lv['diff'], 4)})"
+                                                 for lv in lad), fmt(r["observed_order"], 2),
+                          "yes" if r["extrapolated"] else "no", fmt(r["seconds"], 0)])
+        L += ["Step ladder of the path integral (steps: NLL at that level, d = difference to the previous level on "
+              "the same Brownian paths):", ""]
+        L += table(["h", "ladder", "observed order", "extrapolated", "seconds"], lrows)
+        if pth.get("flags"):
+            L += ["Path-integral flags: " + "; ".join(pth["flags"]), ""]
+        if _fig(results, f"nll_h/{m}"):
+            L += [f"![NLL(h) {m}]({_fig(results, f'nll_h/{m}')})", ""]
+    return L + _note("nll-h-converged")
 
 
 def section_w2(results: Results) -> list[str]:
@@ -399,33 +506,49 @@ def section_minimisers(results: Results) -> list[str]:
         mm = r.get("minimisers") or {}
         if not mm:
             continue
-        fp_min = (fmt(mm.get("h_min_nll_fp"), 2) + ("" if mm.get("h_min_nll_fp_converged", True) else " (unconverged)")
-                  if "h_min_nll_fp" in mm else "missing")
-        rows.append([nice_name(m), fmt(mm.get("c1")), fmt(mm.get("c2")), fmt(mm.get("h_star_wkb2")), fp_min,
-                     fmt(mm.get("h_min_w2_small"), 3) if "h_min_w2_small" in mm else "missing",
+        if mm.get("h_star_wkb2") is not None:
+            hstar = fmt(mm["h_star_wkb2"])
+        elif mm.get("h_star_wkb2_outside_radius") is not None:
+            hstar = f"none ({fmt(mm['h_star_wkb2_outside_radius'])} is outside the radius)"
+        elif mm.get("h_star_wkb2_unchecked") is not None:
+            hstar = f"none ({fmt(mm['h_star_wkb2_unchecked'])}: radius unknown)"
+        else:
+            hstar = "none"
+        bf = f"{fmt(mm['h_min_nll'], 2)} ({mm['h_min_nll_source']})" if "h_min_nll" in mm else "missing"
+        fp_min = fmt(mm.get("h_min_nll_fp"), 2) if "h_min_nll_fp" in mm else "none converged"
+        rows.append([nice_name(m), fmt(mm.get("c1")), fmt(mm.get("c2")), fmt(mm.get("radius_median")), hstar, bf,
+                     fp_min, fmt(mm.get("h_min_w2_small"), 3) if "h_min_w2_small" in mm else "missing",
                      fmt(mm.get("h_min_w2_wide"), 2) if "h_min_w2_wide" in mm else "missing",
-                     yes_no.get(mm.get("c1_sign_agrees_with_fp_minimiser"), "-"),
+                     yes_no.get(mm.get("c1_sign_agrees_with_nll_minimiser"), "-"),
                      yes_no.get(mm.get("c1_sign_agrees_with_w2_minimiser"), "-")])
     if not rows:
         return []
-    L += table(["model", "C1", "C2", "WKB-2 h* = -C1/(2 C2)", "argmin NLL_FP (grid 0 ∪ FP h)", "argmin W2 (small-h grid)",
+    L += table(["model", "C1", "C2", "median radius", "WKB-2 h* = -C1/(2 C2), inside the radius only",
+                "argmin NLL, converged brute force", "argmin NLL_FP (converged FP only)", "argmin W2 (small-h grid)",
                 "argmin W2 (wide grid)", "C1 sign ↔ NLL min", "C1 sign ↔ W2 min"], rows)
     for m, r in results["models"].items():
         mm = r.get("minimisers") or {}
         if mm.get("c1") is None:
             continue
         txt = [f"C1 = {fmt(mm['c1'])} predicts that the NLL {'falls' if mm['c1'] < 0 else 'rises'} for small h"]
-        if mm.get("h_star_wkb2"):
-            txt.append(f"the order-2 series has its minimum at h* = {fmt(mm['h_star_wkb2'])} (NLL {fmt(mm.get('nll_min_wkb2'))})")
-        if "h_min_nll_fp" in mm:
-            grid = mm.get("fp_grid", [])
-            t = f"the brute-force NLL is smallest at h = {fmt(mm['h_min_nll_fp'], 2)} of the grid {[round(h, 3) for h in grid]}"
-            if not mm.get("h_min_nll_fp_converged", True):
-                t += " (that FP value is not converged)"
-            if mm.get("fp_n_unconverged"):
-                t += (f"; {mm['fp_n_unconverged']} of the {len(grid) - 1} FP values on this grid are not converged, "
-                      "so this argmin is only indicative")
+        if mm.get("h_star_wkb2") is not None and mm["h_star_wkb2"] > 0:
+            txt.append(f"the order-2 series has its minimum at h* = {fmt(mm['h_star_wkb2'])} (NLL "
+                       f"{fmt(mm.get('nll_min_wkb2'))}), inside the median radius {fmt(mm.get('radius_median'))}")
+        elif mm.get("h_star_wkb2_outside_radius") is not None:
+            txt.append(f"the order-2 parabola's minimum h* = {fmt(mm['h_star_wkb2_outside_radius'])} lies outside the "
+                       f"median radius {fmt(mm.get('radius_median'))} of the series, so it is no prediction")
+        if "h_min_nll" in mm:
+            t = (f"converged brute force (h = 0 and the converged values of {mm['brute_force_grid'][1:]}) is smallest "
+                 f"at h = {fmt(mm['h_min_nll'], 2)} ({mm['h_min_nll_source']}, NLL {fmt(mm['nll_min'], 4)})")
+            if mm.get("h_min_nll_ties"):
+                t += (f"; within 2 combined errors of it: h = {', '.join(f'{h:g}' for h in mm['h_min_nll_ties'])}, "
+                      "so the minimiser is not resolved more finely than that")
+            if mm.get("path_n_unconverged"):
+                t += f"; {mm['path_n_unconverged']} path-integral value(s) did not converge and are not used"
             txt.append(t)
+        if "fp_grid" in mm and mm.get("fp_n_unconverged"):
+            txt.append(f"{mm['fp_n_unconverged']} of the {len(mm['fp_grid']) - 1} FP values are not converged and are "
+                       "not used for any minimiser")
         if "h_min_w2_small" in mm:
             drop = mm.get("w2_drop_small")
             txt.append(f"W2 is smallest at h = {fmt(mm['h_min_w2_small'])} on the small-h grid"
@@ -511,6 +634,8 @@ def expected_stages(results: Results) -> list[str]:
             want.append(f"fp/{m}")
             if m in (cfg.get("fp_fine_models") or []):
                 want.append(f"fpfine/{m}")
+        if cfg.get("path_h") and cfg.get("path_points"):
+            want.append(f"path/{m}")
         if cfg.get("w2_h_wide"):
             want.append(f"w2wide/{m}")
     return want
@@ -528,7 +653,7 @@ def section_stages(results: Results) -> list[str]:
 
 SECTIONS: tuple[Callable[[Results], list[str]], ...] = (
     section_header, section_conventions, section_gauss1d, section_table1, section_table1_lines, section_beyond,
-    section_fp, section_w2, section_minimisers, section_fd, section_discussion, section_stages)
+    section_fp, section_nll_h, section_w2, section_minimisers, section_fd, section_discussion, section_stages)
 
 
 def render_markdown(results: Results, run_notes: str | None = None) -> str:

@@ -1,0 +1,125 @@
+"""Cost of a step-converged path-integral NLL(h) per point, and the grid speed-up.
+
+    python benchmarks/path_nll_convergence.py [--tol 0.005] [--h 1.0] [--points 10]
+        [--net-epochs 300] [--grid-tol 0.01] [--skip-net] [--skip-gauss]
+
+Two cases, each timed with :func:`hbar.path.converged_path_nll` (default controller settings,
+tolerance ``--tol`` on both the Monte Carlo s.e. and the discretisation error of the mean NLL
+of ``--points`` points; "cost per point" = wall time / points at that tolerance on their mean):
+
+1. **2-D trained network**: a swiss-roll model trained with ``hbar.training`` (TrainConfig.paper,
+   ``--net-epochs`` epochs, cached in benchmarks/_runs/) on its held-out points; the controller
+   ladder at ``--tol`` on the default ("log-snr") grid, then the grid comparison: every grid
+   ("uniform", "log-snr", "edm") at ``--grid-tol``; speed-up = wall time of "uniform" / wall time of
+   the grid, at equal accuracy (the same tolerance reached). If "uniform" does not converge
+   within max_steps the speed-up is a lower bound (printed as ">="). Fokker-Planck on the same
+   points at the same h for comparison (with its own convergence flag).
+2. **64-D Gaussian** (tests/_cases.py::gaussian_case, SIMPLE schedule, imperfect affine score):
+   the same ladder, with the error against the closed form.
+
+Prints one line per run; the numbers quoted in docs/theory.md section 3.9 come from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+import hbar  # noqa: E402
+from _cases import gaussian_case  # noqa: E402
+from hbar.path import converged_path_nll  # noqa: E402
+from hbar.references import fokker_planck_nll, gaussian_oracle  # noqa: E402
+
+
+def trained_swiss_roll(epochs: int, seed: int = 0):
+    """(score, schedule, held-out points) of a swiss-roll / SIMPLE model trained for ``epochs``."""
+    from hbar.training import TrainConfig, load_checkpoint, make_training_data, train
+
+    cfg = TrainConfig.paper("swiss_roll", "simple", seed=seed, epochs=epochs, n_test=200,
+                            checkpoint_every=max(1, epochs))
+    rd = os.path.join(HERE, "_runs", f"swiss_roll-simple-{epochs}")
+    t0 = time.perf_counter()
+    train(cfg, rd, resume=True)
+    score, sch, _ = load_checkpoint(rd)
+    _, x_test = make_training_data(cfg)
+    print(f"trained swiss roll / SIMPLE, {epochs} epochs ({time.perf_counter() - t0:.0f} s incl. cache)", flush=True)
+    return score, sch, np.asarray(x_test, float)
+
+
+def _line(tag: str, r, i: int, truth: float | None = None) -> str:
+    err = "" if truth is None else f" err_vs_exact={r.nll[i] - truth:+.4f}"
+    lad = " -> ".join(f"{lv['steps']}:{lv['nll']:.4f}" for lv in r.ladder[i])
+    return (f"{tag} h={r.hs[i]:g}: NLL={r.nll[i]:.4f}{err} mc={r.mc_se[i]:.1e} disc={r.disc_error[i]:.1e} "
+            f"conv={bool(r.converged[i])} steps={r.steps[i]} paths={r.n_paths[i]} ladder [{lad}]")
+
+
+def run(score, sch, x, hs, tol, grid, truth=None, tag="", **kw):
+    t0 = time.perf_counter()
+    r = converged_path_nll(score, sch, x, hs, jax.random.PRNGKey(0), tol=tol, grid=grid, **kw,
+                           progress=lambda h, lev, n: print(f"  {tag} {grid} h={h:g} level {lev} done at "
+                                                            f"{time.perf_counter() - t0:.0f} s", flush=True))
+    sec = time.perf_counter() - t0
+    for i in range(len(hs)):
+        print(_line(f"{tag} grid={grid:8s} tol={tol:g}", r, i, None if truth is None else truth[i]), flush=True)
+    print(f"{tag} grid={grid:8s} tol={tol:g}: {sec:.1f} s total, {sec / len(x) / len(hs):.2f} s per point and h "
+          f"({len(x)} points), all converged: {bool(r.converged.all())}", flush=True)
+    return r, sec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tol", type=float, default=0.005)
+    ap.add_argument("--grid-tol", type=float, default=0.01)
+    ap.add_argument("--points", type=int, default=10)
+    ap.add_argument("--h", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--net-epochs", type=int, default=300)
+    ap.add_argument("--max-steps", type=int, default=1600)
+    ap.add_argument("--skip-net", action="store_true")
+    ap.add_argument("--skip-gauss", action="store_true")
+    ap.add_argument("--skip-grids", action="store_true")
+    ap.add_argument("--skip-main", action="store_true", help="2-D net: only the grid comparison")
+    a = ap.parse_args()
+    if not a.skip_net:
+        score, sch, xt = trained_swiss_roll(a.net_epochs)
+        x = xt[: a.points]
+    if not a.skip_net and not a.skip_main:
+        t0 = time.perf_counter()
+        fp = fokker_planck_nll(score, sch, x, a.h, tol=a.grid_tol, box=4.5, max_cells=96 * 96, max_levels=3, warn=False)
+        print(f"2-D net FP ({time.perf_counter() - t0:.0f} s): " + "; ".join(
+            f"h={h:g}: NLL={fp.nll[i]:.4f} err={fp.error[i]:.1e} conv={bool(fp.converged[i])}"
+            for i, h in enumerate(fp.h)), flush=True)
+        r, _ = run(score, sch, x, a.h, a.tol, "log-snr", tag="2-D net", max_steps=a.max_steps)
+        for i, h in enumerate(a.h):
+            comb = float(np.hypot(r.total_error[i], fp.error[i]))
+            print(f"2-D net h={h:g}: path - FP = {r.nll[i] - fp.nll[i]:+.4f}, combined error {comb:.4f} "
+                  f"(FP converged: {bool(fp.converged[i])}, path converged: {bool(r.converged[i])})", flush=True)
+    if not a.skip_net and not a.skip_grids:
+        secs = {}
+        for grid in ("uniform", "log-snr", "edm"):
+            rg, sec = run(score, sch, x, a.h, a.grid_tol, grid, tag="2-D net", max_steps=a.max_steps)
+            secs[grid] = (sec, bool(rg.converged.all()))
+        tu, cu = secs["uniform"]
+        for grid in ("log-snr", "edm"):
+            tg, cg = secs[grid]
+            rel = ">=" if (cg and not cu) else ("" if cg and cu else "n/a (grid not converged) ")
+            print(f"2-D net speed-up {grid} over uniform at tol {a.grid_tol:g}: {rel}{tu / tg:.2f}x "
+                  f"(uniform converged: {cu}, {grid} converged: {cg})", flush=True)
+    if not a.skip_gauss:
+        sch = hbar.SimpleSchedule()
+        _, score, m0, S0, _ = gaussian_case(64, 0.1, seed=0, schedule=sch)
+        x = np.random.default_rng(1).multivariate_normal(m0, S0, size=a.points)
+        truth = np.array([gaussian_oracle(score, sch, m0, S0, h, x=x).nll_points.mean() for h in a.h])
+        run(score, sch, x, a.h, a.tol, "log-snr", truth=truth, tag="64-D Gaussian", max_steps=a.max_steps)
+
+
+if __name__ == "__main__":
+    main()
