@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import hbar  # noqa: E402
 from _cases import gaussian_case  # noqa: E402
-from hbar.path import converged_path_nll  # noqa: E402
+from hbar.path import converged_path_nll, path_log_likelihood  # noqa: E402
 from hbar.references import fokker_planck_nll, gaussian_oracle  # noqa: E402
 
 
@@ -75,6 +75,27 @@ def run(score, sch, x, hs, tol, grid, truth=None, tag="", **kw):
     return r, sec
 
 
+def steps_needed(score, sch, x, h: float, grid: str, tol: float, max_steps: int, n_paths: int = 128):
+    """The controller's discretisation criterion alone, at a fixed small path count: the first
+    N = 100 * 2^k whose coupled difference to N/2 steps (common Brownian paths, so its MC noise is
+    small) satisfies |d| + 2 s.e. <= tol (order-1 tail |d|/(2-1)). Returns (N or None, d, seconds)."""
+    t0 = time.perf_counter()
+    key = jax.random.PRNGKey(1)
+    N, d = 100, float("nan")
+    while N <= max_steps:
+        kw = dict(n_paths=n_paths, grid=grid, control_variate=True, keep_weights=True)
+        f = path_log_likelihood(score, sch, x, h, key, steps=N, **kw)
+        c = path_log_likelihood(score, sch, x, h, key, steps=N // 2, coupling_steps=N, **kw)
+        dd = f.nll_corrected - c.nll_corrected
+        d, s = float(dd.mean()), float(dd.std(ddof=1) / np.sqrt(len(dd)))
+        print(f"  2-D net grid={grid} h={h:g} N={N}: d={d:+.4f} +- {s:.4f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        if abs(d) + 2 * s <= tol:
+            return N, d, time.perf_counter() - t0
+        N *= 2
+    return None, d, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=0.005)
@@ -87,6 +108,8 @@ def main() -> None:
     ap.add_argument("--skip-gauss", action="store_true")
     ap.add_argument("--skip-grids", action="store_true")
     ap.add_argument("--skip-main", action="store_true", help="2-D net: only the grid comparison")
+    ap.add_argument("--grid-steps-only", action="store_true",
+                    help="grid comparison by the discretisation criterion alone at 128 paths (cheap)")
     a = ap.parse_args()
     if not a.skip_net:
         score, sch, xt = trained_swiss_roll(a.net_epochs)
@@ -102,7 +125,22 @@ def main() -> None:
             comb = float(np.hypot(r.total_error[i], fp.error[i]))
             print(f"2-D net h={h:g}: path - FP = {r.nll[i] - fp.nll[i]:+.4f}, combined error {comb:.4f} "
                   f"(FP converged: {bool(fp.converged[i])}, path converged: {bool(r.converged[i])})", flush=True)
-    if not a.skip_net and not a.skip_grids:
+    if not a.skip_net and not a.skip_grids and a.grid_steps_only:
+        need = {g: steps_needed(score, sch, x, a.h[0], g, a.grid_tol, a.max_steps) for g in ("uniform", "log-snr", "edm")}
+        nu = need["uniform"][0]
+        for g, (n, d, sec) in need.items():
+            print(f"2-D net grid={g}: discretisation error <= {a.grid_tol:g} at N = {n} steps (last d {d:+.4f}), "
+                  f"{sec:.0f} s", flush=True)
+        for g in ("log-snr", "edm"):
+            n = need[g][0]
+            if n is None:
+                print(f"2-D net speed-up {g} over uniform: n/a ({g} not within {a.max_steps} steps)")
+            elif nu is None:
+                print(f"2-D net speed-up {g} over uniform (steps at equal discretisation error): >= "
+                      f"{2 * a.max_steps / n:.0f}x (uniform not within {a.max_steps} steps)")
+            else:
+                print(f"2-D net speed-up {g} over uniform (steps at equal discretisation error): {nu / n:.1f}x")
+    elif not a.skip_net and not a.skip_grids:
         secs = {}
         for grid in ("uniform", "log-snr", "edm"):
             rg, sec = run(score, sch, x, a.h, a.grid_tol, grid, tag="2-D net", max_steps=a.max_steps)

@@ -63,7 +63,7 @@ def _errors():
             warnings.showwarning = one_line
             yield
     except HbarInputError as err:
-        console.print(f"[bold red]error:[/] {rich_escape(str(err))}")
+        console.print(f"[bold red]error:[/] {rich_escape(' '.join(str(err).split()))}", soft_wrap=True)  # one line
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages and checkpoints are kept; rerun the same "
@@ -530,7 +530,7 @@ def path_nll_cmd(
     index_col: Annotated[int | None, typer.Option(help="CSV: drop this column (a row index); -1: keep all")] = None,
 ) -> None:
     """Path-integral Monte Carlo NLL of the h-model (any h > 0, any d); with --tol, step-converged.
-    Flags values with ESS / paths below LOW_ESS (0.1) or not converged, as one warning line each."""
+    Values with ESS/paths < 0.1 or not converged are flagged, with one warning line each."""
     with _errors():
         import jax
 
@@ -572,10 +572,10 @@ def path_nll_cmd(
                 res = path_nll(score, schedule, x, hs, jax.random.PRNGKey(seed), n_paths=paths, steps=steps,
                                grid=grid, progress=cb)
         if tol is not None:
-            table = Table(title=f"converged path-integral NLL (grid {grid}, tol {tol:g}; nats, ± total error = "
-                                "MC s.e. and discretisation error in quadrature)")
-            for col in ("h", "NLL ± error", "MC s.e.", "discretisation", "converged", "steps", "paths", "order",
-                        "ESS/paths min", "flags"):
+            table = Table(title=f"converged path-integral NLL (grid {grid}, tol {tol:g}; nats; error: MC s.e. and "
+                                "discretisation error in quadrature; ESS as a fraction of paths)")
+            for col in ("h", "NLL ± error", "MC s.e.", "discr.", "conv.", "steps", "paths", "order", "ESS min",
+                        "flags"):
                 table.add_column(col)
             rows = cr.rows()
             for row in rows:
@@ -589,8 +589,8 @@ def path_nll_cmd(
                            nll_points=[{"h": hv, "nll": pts} for hv, pts in zip(hs, cr.nll_points)])
         else:
             table = Table(title=f"path-integral NLL ({res.steps} Euler steps on the {grid} grid, {paths} paths/point; "
-                                "nats, ± s.e. over points; not step-converged: use --tol)")
-            for col in ("h", "NLL ± s.e.", "MC s.e.", "bias", "ESS/paths min", "ESS/paths median", "flags"):
+                                "nats, ± s.e. over points; ESS as a fraction of paths; not step-converged: use --tol)")
+            for col in ("h", "NLL ± s.e.", "MC s.e.", "bias", "ESS min", "ESS med", "flags"):
                 table.add_column(col)
             rows = res.rows()
             for row in rows:

@@ -23,8 +23,8 @@ paper network, 200 points; the adjoint is not the cause: ForwardMode, which stor
 costs the same, while DirectAdjoint, which also switches the stages to a bounded scan, removes
 the penalty). Running the stages as a bounded scan (``scan_kind="bounded"``,
 ``ODEOptions.stage_loop = "scan"``) removes it (0.98-0.99x); for the cheap probability-flow
-field the scan is slower than the while loop (benchmarks/run.py), so "auto" lets the caller
-choose.
+field it does not pay (order 0, 2-D: scan / while = 1.02 in benchmarks/run.py), so "auto" lets
+the caller choose and only the WKB backward solve asks for the scan.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ODEOptions:
     default inner while loop, "auto" (default) lets the caller choose (``stage_loop`` argument
     of :func:`solve_ode`; "while" if it does not): the WKB backward solve uses "scan" (its
     expensive field was 1.5-1.65x slower per evaluation in the while loop), the cheap
-    probability-flow field "while" (see the module docstring).
+    probability-flow field "while" (the scan does not pay there; see the module docstring).
     """
 
     rtol: float = 1e-5
