@@ -75,8 +75,8 @@ def run(score, sch, x, hs, tol, grid, truth=None, tag="", **kw):
     return r, sec
 
 
-def steps_needed(score, sch, x, h: float, grid: str, tol: float, max_steps: int, n_paths: int = 128):
-    """The controller's discretisation criterion alone, at a fixed small path count: the first
+def steps_needed(score, sch, x, h: float, grid: str, tol: float, max_steps: int, n_paths: int = 512):
+    """The controller's discretisation criterion alone, at a fixed path count: the first
     N = 100 * 2^k whose coupled difference to N/2 steps (common Brownian paths, so its MC noise is
     small) satisfies |d| + 2 s.e. <= tol (order-1 tail |d|/(2-1)). Returns (N or None, d, seconds)."""
     t0 = time.perf_counter()
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--skip-gauss", action="store_true")
     ap.add_argument("--skip-grids", action="store_true")
     ap.add_argument("--skip-main", action="store_true", help="2-D net: only the grid comparison")
+    ap.add_argument("--grid-paths", type=int, default=512)
     ap.add_argument("--grid-steps-only", action="store_true",
                     help="grid comparison by the discretisation criterion alone at 128 paths (cheap)")
     a = ap.parse_args()
@@ -126,7 +127,8 @@ def main() -> None:
             print(f"2-D net h={h:g}: path - FP = {r.nll[i] - fp.nll[i]:+.4f}, combined error {comb:.4f} "
                   f"(FP converged: {bool(fp.converged[i])}, path converged: {bool(r.converged[i])})", flush=True)
     if not a.skip_net and not a.skip_grids and a.grid_steps_only:
-        need = {g: steps_needed(score, sch, x, a.h[0], g, a.grid_tol, a.max_steps) for g in ("uniform", "log-snr", "edm")}
+        need = {g: steps_needed(score, sch, x, a.h[0], g, a.grid_tol, a.max_steps, a.grid_paths)
+                for g in ("uniform", "log-snr", "edm")}
         nu = need["uniform"][0]
         for g, (n, d, sec) in need.items():
             print(f"2-D net grid={g}: discretisation error <= {a.grid_tol:g} at N = {n} steps (last d {d:+.4f}), "

@@ -468,8 +468,9 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
     * otherwise Q_L with discretisation error |d_L| / (2^q - 1), q = p clipped to [0.5, 1]
       (q = 1 when p is not measurable): the geometric tail of an order-q error.
 
-    Levels beyond ``max_steps`` are not run; an h that did not reach tol is reported with
-    ``converged`` False and a flag. Variance reduction: the martingale ``control_variate``
+    Levels beyond ``max_steps`` are not run, and none after the discretisation error has reached
+    tol while the MC s.e. has not at ``max_paths`` paths (more steps cannot fix that); an h that
+    did not reach tol is reported with ``converged`` False and a flag. Variance reduction: the martingale ``control_variate``
     (default; 20-35 % smaller variance on the Gaussian test case) and optional ``antithetic``
     pairs (measured gain small). ``progress(h, level, n_levels_max)``. Returns a :class:`ConvergedPathNLL`.
     """
@@ -498,7 +499,7 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
         ladder: list[dict[str, float]] = []
         Q, S, P, SD, LW, D = [], [], [], [], [], []
         est = disc = mc = order = math.nan
-        extra = conv = False
+        extra = conv = mc_capped = False
         key_h = jax.random.fold_in(key, ih)
         for lev in range(n_levels_max):
             N = steps0 * 2**lev
@@ -560,11 +561,17 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
             conv = disc <= tol and mc <= tol
             if conv:
                 break
+            if disc <= tol and mc > tol and M >= max_paths:
+                # more steps cannot bring the MC s.e. down (the path count is capped): stop here
+                mc_capped = True
+                break
         if len(Q) < 2:  # pragma: no cover - guarded by max_steps >= 2 steps0
             est, pts_est, mc = Q[-1], P[-1], S[-1]
         if not conv:
+            why = (f"; the MC s.e. is above tol at max_paths={max_paths}, which more steps cannot change: raise "
+                   "max_paths or use more points" if mc_capped else "")
             flags.append(f"h={h:g}: not converged at {ladder[-1]['steps']} steps / {ladder[-1]['n_paths']} paths "
-                         f"(discretisation error {disc:.2g}, MC s.e. {mc:.2g}, tol {tol:g})")
+                         f"(discretisation error {disc:.2g}, MC s.e. {mc:.2g}, tol {tol:g}){why}")
         ladders.append(ladder)
         for k, v in (("nll", est), ("pts", pts_est), ("mc", mc), ("disc", disc), ("pse", mean_se(P[-1])[1]),
                      ("conv", conv), ("extra", extra), ("order", order), ("steps", ladder[-1]["steps"]),
