@@ -136,7 +136,11 @@ def main() -> None:
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--skip-fd", action="store_true")
     ap.add_argument("--skip-sampler", action="store_true")
+    ap.add_argument("--sections", type=str, default="1,2,3,4,5",
+                    help="comma-separated sections to run: 1 sampler, 2 C1 vs finite differences, 3 costs, "
+                         "4 order-2 compile and accuracy, 5 digits")
     args = ap.parse_args()
+    sections = {int(v) for v in args.sections.split(",") if v.strip()}
     n_pts = 40 if args.quick else args.points
     print(f"load average (1, 5, 15 min) at start: {os.getloadavg()} on {os.cpu_count()} cores", flush=True)
     reps = 3 if args.quick else 7
@@ -144,7 +148,7 @@ def main() -> None:
     score, schedule = trained("swiss_roll", args.epochs)
     results: dict = {}
 
-    if not args.skip_sampler:
+    if not args.skip_sampler and 1 in sections:
         s = bench_sampler(score, schedule, n=3000 if not args.quick else 1000, steps=1000 if not args.quick else 200)
         results["sampler"] = s
         print(f"[1] sampler: {s['t_sample_s']:.3f} s for {s['nfe']} score evaluations of {s['n']} points; "
@@ -153,7 +157,7 @@ def main() -> None:
     x = hbar.data.load_dataset("swiss_roll", n_pts, seed=123)
     opts = ODEOptions(rtol=TOL, atol=TOL)
 
-    if not args.skip_fd:
+    if not args.skip_fd and 2 in sections:
         t_char = best_of(lambda: nll(score, schedule, x, order=1, options=opts, batch_size=n_pts), repeats=1)
         char = nll(score, schedule, x, order=1, options=opts, batch_size=n_pts)
         t0 = time.perf_counter()
@@ -177,76 +181,80 @@ def main() -> None:
               f"|C1 - slope| characteristics {abs(c1_char - slope):.4f}, finite differences {abs(c1_fd - slope):.4f}",
               flush=True)
 
-    print(f"[3] exact WKB cost in 2-D, {n_pts} points, rtol = atol = {TOL:g} (minimum over {reps} interleaved "
-          f"rounds after warm-up):", flush=True)
-    c = bench_costs(score, schedule, x, reps)
-    results["costs_2d"] = c
-    t0, t1 = c["order0"]["t_s"], c["order1"]["t_s"]
-    ratio = t1 / t0
-    print(f"    order1 / order0 = {ratio:.2f} (target <= 10); with the previous settings "
-          f"{c['order1 previous']['t_s'] / c['order0 previous']['t_s']:.2f}", flush=True)
-    print(f"    order0 stage_loop=scan           / order0 default = {c['order0 stage_loop=scan']['t_s'] / t0:.2f}", flush=True)
-    for name in ("order1 error_on=all", "order1 stage_loop=while", f"order1 batching=per-point ({n_pts})",
-                 "order1 batch_size=10", "order1 previous"):
-        print(f"    {name:32s} / order1 default = {c[name]['t_s'] / t1:.2f}", flush=True)
+    if 3 in sections:
+        print(f"[3] exact WKB cost in 2-D, {n_pts} points, rtol = atol = {TOL:g} (minimum over {reps} interleaved "
+              f"rounds after warm-up):", flush=True)
+        c = bench_costs(score, schedule, x, reps)
+        results["costs_2d"] = c
+        t0, t1 = c["order0"]["t_s"], c["order1"]["t_s"]
+        ratio = t1 / t0
+        print(f"    order1 / order0 = {ratio:.2f} (target <= 10); with the previous settings "
+              f"{c['order1 previous']['t_s'] / c['order0 previous']['t_s']:.2f}", flush=True)
+        scan_ratio = c["order0 stage_loop=scan"]["t_s"] / t0
+        print(f"    order0 stage_loop=scan           / order0 default = {scan_ratio:.2f}", flush=True)
+        for name in ("order1 error_on=all", "order1 stage_loop=while", f"order1 batching=per-point ({n_pts})",
+                     "order1 batch_size=10", "order1 previous"):
+            print(f"    {name:32s} / order1 default = {c[name]['t_s'] / t1:.2f}", flush=True)
 
-    # [4] accuracy against a tight run, and the order-2 compile time
-    t_start = time.perf_counter()
-    o2 = nll(score, schedule, x, order=2, batch_size=n_pts, **NEW)
-    t_first = time.perf_counter() - t_start
-    t_run = best_of(lambda: nll(score, schedule, x, order=2, batch_size=n_pts, **NEW), repeats=1)
-    o2_all = nll(score, schedule, x, order=2, batch_size=n_pts, options=ODEOptions(rtol=TOL, atol=TOL, error_on="all"))
-    tight = nll(score, schedule, x, order=2, batch_size=n_pts, options=TIGHT)
-    acc = {"c1_returned": per_point_errors(o2.c1, tight.c1), "c2_returned": per_point_errors(o2.c2, tight.c2),
-           "c1_all": per_point_errors(o2_all.c1, tight.c1), "c2_all": per_point_errors(o2_all.c2, tight.c2),
-           "nll0_returned": per_point_errors(o2.nll0, tight.nll0),
-           "evals_backward_returned": o2.evals_backward, "evals_backward_all": o2_all.evals_backward,
-           "order2_first_call_s": t_first, "order2_run_s": t_run, "order2_compile_s": t_first - t_run,
-           "c1_range": [float(np.min(tight.c1)), float(np.max(tight.c1))],
-           "c2_range": [float(np.min(tight.c2)), float(np.max(tight.c2))]}
-    results["accuracy_2d"] = acc
-    print(f"[4] order 2, {n_pts} points: first call {t_first:.1f} s, then {t_run:.1f} s -> compile "
-          f"{t_first - t_run:.1f} s (target <= 20 s)", flush=True)
-    print(f"    per point vs a tight run (rtol = atol = 1e-9, all components), rtol = atol = {TOL:g}:", flush=True)
-    for q in ("nll0", "c1", "c2"):
-        keys = [f"{q}_returned"] + ([f"{q}_all"] if q != "nll0" else [])
-        line = "; ".join(f"error_on={k.split('_')[1]}: median {acc[k]['median']:.1e}, max {acc[k]['max']:.1e} "
-                         f"(relative {acc[k]['max_rel']:.1e})" for k in keys)
-        print(f"    {q.upper():5s} {line}", flush=True)
-    print(f"    (C1 per point in [{acc['c1_range'][0]:.2f}, {acc['c1_range'][1]:.2f}], C2 in "
-          f"[{acc['c2_range'][0]:.2f}, {acc['c2_range'][1]:.2f}]; backward evaluations {o2.evals_backward} "
-          f"returned vs {o2_all.evals_backward} all)", flush=True)
+    if 4 in sections:
+        # [4] accuracy against a tight run, and the order-2 compile time
+        t_start = time.perf_counter()
+        o2 = nll(score, schedule, x, order=2, batch_size=n_pts, **NEW)
+        t_first = time.perf_counter() - t_start
+        t_run = best_of(lambda: nll(score, schedule, x, order=2, batch_size=n_pts, **NEW), repeats=1)
+        o2_all = nll(score, schedule, x, order=2, batch_size=n_pts, options=ODEOptions(rtol=TOL, atol=TOL, error_on="all"))
+        tight = nll(score, schedule, x, order=2, batch_size=n_pts, options=TIGHT)
+        acc = {"c1_returned": per_point_errors(o2.c1, tight.c1), "c2_returned": per_point_errors(o2.c2, tight.c2),
+               "c1_all": per_point_errors(o2_all.c1, tight.c1), "c2_all": per_point_errors(o2_all.c2, tight.c2),
+               "nll0_returned": per_point_errors(o2.nll0, tight.nll0),
+               "evals_backward_returned": o2.evals_backward, "evals_backward_all": o2_all.evals_backward,
+               "order2_first_call_s": t_first, "order2_run_s": t_run, "order2_compile_s": t_first - t_run,
+               "c1_range": [float(np.min(tight.c1)), float(np.max(tight.c1))],
+               "c2_range": [float(np.min(tight.c2)), float(np.max(tight.c2))]}
+        results["accuracy_2d"] = acc
+        print(f"[4] order 2, {n_pts} points: first call {t_first:.1f} s, then {t_run:.1f} s -> compile "
+              f"{t_first - t_run:.1f} s (target <= 20 s)", flush=True)
+        print(f"    per point vs a tight run (rtol = atol = 1e-9, all components), rtol = atol = {TOL:g}:", flush=True)
+        for q in ("nll0", "c1", "c2"):
+            keys = [f"{q}_returned"] + ([f"{q}_all"] if q != "nll0" else [])
+            line = "; ".join(f"error_on={k.split('_')[1]}: median {acc[k]['median']:.1e}, max {acc[k]['max']:.1e} "
+                             f"(relative {acc[k]['max_rel']:.1e})" for k in keys)
+            print(f"    {q.upper():5s} {line}", flush=True)
+        print(f"    (C1 per point in [{acc['c1_range'][0]:.2f}, {acc['c1_range'][1]:.2f}], C2 in "
+              f"[{acc['c2_range'][0]:.2f}, {acc['c2_range'][1]:.2f}]; backward evaluations {o2.evals_backward} "
+              f"returned vs {o2_all.evals_backward} all)", flush=True)
 
-    # [5] 64-D digits
-    print(f"digits model (3 x 128, 64-D), {args.digits_epochs} epochs ...", flush=True)
-    dscore, dsched = trained("digits", args.digits_epochs)
-    m = 2 if args.quick else args.digits_points
-    xd = hbar.data.load_dataset("digits", m, seed=7, part="test")
-    nll(dscore, dsched, xd[:1], order=1, **NEW)  # warm-up: compiles the 1-point chunk of "auto"
-    t_start = time.perf_counter()
-    rd = nll(dscore, dsched, xd, order=1, batch_size=m, **NEW)
-    t_new = (time.perf_counter() - t_start) / m
-    k = min(4, m)
-    nll(dscore, dsched, xd[:k], order=1, batch_size=k, **OLD)  # warm-up on the same shape
-    t_start = time.perf_counter()
-    rd_old = nll(dscore, dsched, xd[:k], order=1, batch_size=k, **OLD)
-    t_old = (time.perf_counter() - t_start) / k
-    kt = min(2, m)
-    rd_tight = nll(dscore, dsched, xd[:kt], order=1, batch_size=kt, options=TIGHT)
-    dig = {"n": m, "t_per_point_s": t_new, "t_per_point_previous_s": t_old, "n_previous": k,
-           "evals_backward_per_point": np.asarray(rd.extras["evals_backward_per_point"]).tolist(),
-           "evals_backward_previous": rd_old.evals_backward,
-           "c1_vs_tight": per_point_errors(rd.c1[:kt], rd_tight.c1),
-           "c1_previous_vs_tight": per_point_errors(rd_old.c1[:kt], rd_tight.c1),
-           "c1": np.asarray(rd.c1).tolist(), "nll0": np.asarray(rd.nll0).tolist()}
-    results["digits"] = dig
-    print(f"[5] digits 64-D, order 1: {t_new:.2f} s per point ({m} points, target <= 2 s); previous settings "
-          f"{t_old:.2f} s per point ({k} points in one batch) -> {t_old / t_new:.2f}x", flush=True)
-    print(f"    backward evaluations per point {dig['evals_backward_per_point']} (previous: {rd_old.evals_backward} "
-          f"for the batch); C1 per point vs a tight run ({kt} points): max {dig['c1_vs_tight']['max']:.1e}, relative "
-          f"{dig['c1_vs_tight']['max_rel']:.1e} (previous settings {dig['c1_previous_vs_tight']['max']:.1e}, relative "
-          f"{dig['c1_previous_vs_tight']['max_rel']:.1e}); C1 values {np.round(rd.c1, 1).tolist()}",
-          flush=True)
+    if 5 in sections:
+        # [5] 64-D digits
+        print(f"digits model (3 x 128, 64-D), {args.digits_epochs} epochs ...", flush=True)
+        dscore, dsched = trained("digits", args.digits_epochs)
+        m = 2 if args.quick else args.digits_points
+        xd = hbar.data.load_dataset("digits", m, seed=7, part="test")
+        nll(dscore, dsched, xd[:1], order=1, **NEW)  # warm-up: compiles the 1-point chunk of "auto"
+        t_start = time.perf_counter()
+        rd = nll(dscore, dsched, xd, order=1, batch_size=m, **NEW)
+        t_new = (time.perf_counter() - t_start) / m
+        k = min(4, m)
+        nll(dscore, dsched, xd[:k], order=1, batch_size=k, **OLD)  # warm-up on the same shape
+        t_start = time.perf_counter()
+        rd_old = nll(dscore, dsched, xd[:k], order=1, batch_size=k, **OLD)
+        t_old = (time.perf_counter() - t_start) / k
+        kt = min(2, m)
+        rd_tight = nll(dscore, dsched, xd[:kt], order=1, batch_size=kt, options=TIGHT)
+        dig = {"n": m, "t_per_point_s": t_new, "t_per_point_previous_s": t_old, "n_previous": k,
+               "evals_backward_per_point": np.asarray(rd.extras["evals_backward_per_point"]).tolist(),
+               "evals_backward_previous": rd_old.evals_backward,
+               "c1_vs_tight": per_point_errors(rd.c1[:kt], rd_tight.c1),
+               "c1_previous_vs_tight": per_point_errors(rd_old.c1[:kt], rd_tight.c1),
+               "c1": np.asarray(rd.c1).tolist(), "nll0": np.asarray(rd.nll0).tolist()}
+        results["digits"] = dig
+        print(f"[5] digits 64-D, order 1: {t_new:.2f} s per point ({m} points, target <= 2 s); previous settings "
+              f"{t_old:.2f} s per point ({k} points in one batch) -> {t_old / t_new:.2f}x", flush=True)
+        print(f"    backward evaluations per point {dig['evals_backward_per_point']} (previous: {rd_old.evals_backward} "
+              f"for the batch); C1 per point vs a tight run ({kt} points): max {dig['c1_vs_tight']['max']:.1e}, relative "
+              f"{dig['c1_vs_tight']['max_rel']:.1e} (previous settings {dig['c1_previous_vs_tight']['max']:.1e}, relative "
+              f"{dig['c1_previous_vs_tight']['max_rel']:.1e}); C1 values {np.round(rd.c1, 1).tolist()}",
+              flush=True)
 
     print(f"load average (1, 5, 15 min) at end: {os.getloadavg()}", flush=True)
     if args.json:

@@ -30,9 +30,9 @@ __version__ = "0.1.0"
 __all__ = [
     "HProcess", "sample", "SampleResult", "nll", "LikelihoodResult", "bits_per_dim", "ODEOptions",
     "Schedule", "SimpleSchedule", "CosineSchedule", "VPLinearSchedule", "VESchedule", "OUSchedule",
-    "LinearSchedule", "DDPMSchedule", "EDMSchedule", "schedule_from_config", "adapters", "AffineScore", "GaussianMixtureScore", "PerturbedScore",
-    "gaussian_score", "HbarInputError", "enable_x64", "data", "metrics", "networks", "path",
-    "references", "training",
+    "LinearSchedule", "DDPMSchedule", "EDMSchedule", "schedule_from_config",
+    "AffineScore", "GaussianMixtureScore", "PerturbedScore", "gaussian_score", "HbarInputError", "enable_x64",
+    "adapters", "data", "metrics", "networks", "path", "references", "training",
 ]
 
 

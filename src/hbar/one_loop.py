@@ -28,7 +28,9 @@ discretised psi1; its mean over K samples estimates -C1 with standard error sd /
 Time discretisation: additive-noise stochastic Heun (predictor-corrector with one Gaussian
 increment per step and a trapezoidal variance), weak order 2, on a fixed grid uniform in the
 log signal-to-noise ratio (resolves t_min, where the integrands grow like 1/sigma^2);
-fresh probes every step (same probe for both stages of a step).
+fresh probes every step (same probe for both stages of a step). The random numbers are drawn
+ahead for blocks of steps (one generator call per block, at most ``_DRAW_BUDGET`` floats held;
+each step's numbers do not depend on the blocking).
 """
 
 from __future__ import annotations
@@ -134,14 +136,38 @@ def _rademacher(key: Array, d: int, dtype) -> Array:
 
 
 def _row_draws(row_keys: Array, k: Array | int, d: int, dtype, normal: bool) -> tuple[Array, Array]:
-    """Per-row independent draws of shape (R, d) for fine-grid step index k: (normal, rademacher)
-    if ``normal`` (forward pass) else (rademacher, rademacher) (backward pass, two probe sets)."""
+    """Per-row independent draws for fine-grid step indices k (any shape S): a pair of arrays of
+    shape S + (R, d), (normal, rademacher) if ``normal`` (forward pass) else (rademacher,
+    rademacher) (backward pass, two probe sets). Step k's draws are the same whether k is drawn
+    alone or with others (one generator call for a block of steps)."""
 
-    def one(kk):
-        a, b = jax.random.split(jax.random.fold_in(kk, k))
+    def one(kk, kidx):
+        a, b = jax.random.split(jax.random.fold_in(kk, kidx))
         return (jax.random.normal(a, (d,), dtype) if normal else _rademacher(a, d, dtype)), _rademacher(b, d, dtype)
 
-    return jax.vmap(one)(row_keys)
+    f = jax.vmap(one, in_axes=(0, None))
+    for _ in range(jnp.ndim(k)):
+        f = jax.vmap(f, in_axes=(None, 0))
+    return f(row_keys, jnp.asarray(k))
+
+
+# random numbers drawn ahead of the steps, per block of steps (float elements held at once): one
+# generator call per block instead of one per step (the per-call cost dominates at small R d)
+_DRAW_BUDGET = 1 << 21
+
+
+def _blocked_scan(step: Callable, init, nsteps: int, draw: Callable, elems_per_step: int):
+    """``lax.scan`` of step(carry, (k, draw_k)) over k = 0 .. nsteps - 1, where draw(ks) returns
+    the random numbers of the steps ks (leading axis) for a block of B steps at once (B the
+    largest divisor of nsteps within ``_DRAW_BUDGET``): memory O(B R d), not O(steps R d)."""
+    cap = max(1, _DRAW_BUDGET // max(1, elems_per_step))
+    B = max(b for b in range(1, min(cap, nsteps) + 1) if nsteps % b == 0)
+
+    def block(carry, kb):
+        return jax.lax.scan(step, carry, (kb, draw(kb)))
+
+    carry, _ = jax.lax.scan(block, init, jnp.arange(nsteps).reshape(nsteps // B, B))
+    return carry
 
 
 def _refinement(grid: Array, noise_grid: Array | None) -> int:
@@ -172,12 +198,14 @@ def adjoint_pass(proc: HProcess, x_T: Array, row_keys: Array, grid: Array,
         v, dG = _adjoint_field(proc, t, jnp.concatenate([X, X]), G, e)
         return v[:R], dG
 
-    def bstep(carry, k):
-        X, G, acc = carry
+    def bdraw(ks):  # two independent probe sets, (B, 2R, d)
+        e1, e2 = _row_draws(row_keys, nfine + 1 + ks * m, d, dtype, False)
+        return jnp.concatenate([e1, e2], axis=1)
+
+    def bstep(carry, k_e):
+        (X, G, acc), (k, e) = carry, k_e
         ta, tb = grid[nsteps - k], grid[nsteps - k - 1]
         dt = tb - ta  # < 0
-        e1, e2 = _row_draws(row_keys, nfine + 1 + k * m, d, dtype, False)  # independent probe sets
-        e = jnp.concatenate([e1, e2])
         va, Ga = bfield(ta, X, G, e)
         Xp, Gp = X + dt * va, G + dt * Ga
         vb, Gb = bfield(tb, Xp, Gp, e)
@@ -187,7 +215,7 @@ def adjoint_pass(proc: HProcess, x_T: Array, row_keys: Array, grid: Array,
 
     G_T = proc.prior_score(x_T)
     init = (x_T, jnp.concatenate([G_T, G_T]), jnp.zeros(R, dtype))
-    (X0, G0, accG), _ = jax.lax.scan(bstep, init, jnp.arange(nsteps))
+    X0, G0, accG = _blocked_scan(bstep, init, nsteps, bdraw, 2 * R * d)
     return dict(g2_term=-accG, G1=G0[:R], G2=G0[R:], X=X0)  # the scan integrated from T down to t_min
 
 
@@ -218,20 +246,20 @@ def one_loop_samples(proc: HProcess, x: Array, x_T: Array, row_keys: Array, grid
         sub_var = var(fine[:-1], fine[1:]).reshape(nsteps, m)
         sub_w = jnp.sqrt(sub_var / jnp.sum(sub_var, axis=1, keepdims=True))  # unit-norm rows
 
-    def fdraws(k):
-        """(zeta ~ N(0, I), eps) of forward step k (from the fine sub-steps when m > 1)."""
+    def fdraws(ks):
+        """(zeta ~ N(0, I), eps) of forward steps ks, (B, R, d) each (from the fine sub-steps
+        when m > 1)."""
         if m == 1:
-            return _row_draws(row_keys, k, d, dtype, True)
-        zs = [_row_draws(row_keys, k * m + j, d, dtype, True) for j in range(m)]
-        return sum(sub_w[k, j] * zs[j][0] for j in range(m)), zs[0][1]
+            return _row_draws(row_keys, ks, d, dtype, True)
+        zs, eps = _row_draws(row_keys, ks[:, None] * m + jnp.arange(m), d, dtype, True)  # (B, m, R, d)
+        return jnp.einsum("bm,bmrd->brd", sub_w[ks], zs), eps[:, 0]
 
 
     # --- forward pass, t_min -> T: X, fluctuation xi, dual variable z, accumulated sources -------
-    def fstep(carry, k):
-        X, xi, z, acc = carry
+    def fstep(carry, k_draws):
+        (X, xi, z, acc), (k, (zeta, eps)) = carry, k_draws
         ta, tb = grid[k], grid[k + 1]
         dt = tb - ta
-        zeta, eps = fdraws(k)
         noise = jnp.sqrt(var(ta, tb)) * zeta  # trapezoidal variance of int D1 dt
         fa = _fluctuation_field(proc, ta, X, xi, z, eps)
         Xp, xip, zp = X + dt * fa[0], xi + dt * fa[1] + noise, z + dt * fa[2]
@@ -242,7 +270,7 @@ def one_loop_samples(proc: HProcess, x: Array, x_T: Array, row_keys: Array, grid
 
     zeros = jnp.zeros_like(x)
     finit = (x, zeros, zeros, jnp.zeros(R, dtype))
-    (X_T, xi_T, z_T, acc), _ = jax.lax.scan(fstep, finit, jnp.arange(nsteps))
+    X_T, xi_T, z_T, acc = _blocked_scan(fstep, finit, nsteps, fdraws, 2 * m * R * d)
     g2_term = adjoint_pass(proc, x_T, row_keys, grid, noise_grid)["g2_term"]
     dual_end = jnp.sum(proc.prior_score(X_T) * z_T, axis=-1)  # G_T . z_T
     fluct_end = jnp.sum(xi_T * proc.prior_score(xi_T), axis=-1)  # xi^T Hess(log pi) xi, log pi quadratic
