@@ -160,6 +160,7 @@ def test_ladder_result_logic():
     assert ex["ladder"]["disc_error"] >= 0.03 - 1e-12
 
 
+@pytest.mark.slow
 def test_ladder_api_common_random_numbers():
     """nll(steps=[...]) end to end, small: levels share their random numbers (the level
     difference is much less noisy than a level), the finest level equals a plain run's."""

@@ -80,6 +80,7 @@ def test_readme_python_blocks_small(tmp_path, monkeypatch):
         assert printed.getvalue().strip(), f"block {i} printed nothing"
 
 
+@pytest.mark.slow
 def test_readme_cli_block_small(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _run_cli_block(_blocks("bash")[0], SMALL_CLI)

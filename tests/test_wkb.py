@@ -45,6 +45,7 @@ def test_c2_matches_closed_form(d, schedule):
         gaussian_oracle(score, s, m0, S0, h, x=x).nll_points[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_exact_score_has_zero_corrections():
     s = hbar.OUSchedule(beta=1.0, t_min=1e-2, T=30.0)
     score = hbar.gaussian_score([0.3, -0.2], [[0.5, 0.1], [0.1, 0.4]], s)
@@ -54,6 +55,7 @@ def test_exact_score_has_zero_corrections():
     assert np.abs(res.c1).max() < 1e-5 and np.abs(res.c2).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_finite_difference_baseline_agrees_within_its_error():
     """The paper's algorithm (central differences with step 0.01 of nested solves) against the
     exact C1 on a 2-D mixture with a perturbed score; the baseline's own error is estimated by
@@ -168,6 +170,7 @@ def test_c1_c2_match_fokker_planck_slope_and_curvature_2d():
     assert coef[1] == pytest.approx(w.c2_mean[0], rel=0.12)
 
 
+@pytest.mark.slow
 def test_exact_score_fokker_planck_is_flat_in_h_2d():
     """With the exact score the brute-force NLL(h) does not depend on h (to its accuracy) and
     the exact C1, C2 vanish."""
@@ -211,6 +214,7 @@ def test_error_control_on_returned_components_meets_the_tolerance():
     assert err_ret < 10 * err_full + 10 * tol
 
 
+@pytest.mark.slow
 def test_per_point_and_batched_step_control_agree():
     s, score, x = _mixture_case()
     opts = ODEOptions(rtol=1e-7, atol=1e-7)
