@@ -83,8 +83,8 @@ def _net(d, width, seed=0, depth=2):
     return network_from_config({"name": "paper_mlp", "d": d, "width": width, "depth": depth, "dtype": "float64"}, seed)
 
 
-def cost_ratio(score, schedule, d, rows=32, steps=STEPS):
-    """(one-loop sample, order-0 Hutchinson NLL) CPU seconds per point, side by side."""
+def _one_loop_and_hutchinson(score, schedule, d, rows, steps):
+    """Jitted (one-loop sample, order-0 Hutchinson) functions with their arguments, same rows and grid."""
     proc = hbar.HProcess(schedule, score)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (rows, d)))
     grid = jnp.asarray(fluctuation_grid(schedule, steps))
@@ -92,19 +92,18 @@ def cost_ratio(score, schedule, d, rows=32, steps=STEPS):
     probe = jax.random.rademacher(jax.random.PRNGKey(1), (rows, d), dtype=x.dtype)
     ol = jax.jit(lambda a, k, g: one_loop_samples(proc, a, a, k, g)["ell1"])
     hu = jax.jit(lambda a, p, g: _hutchinson_heun(proc, a, p, g))
-    t_ol, t_hu = _cpu_side_by_side([(ol, x, keys, grid), (hu, x, probe, grid)])
+    return (ol, x, keys, grid), (hu, x, probe, grid)
+
+
+def cost_ratio(score, schedule, d, rows=32, steps=STEPS):
+    """(one-loop sample, order-0 Hutchinson NLL) CPU seconds per point, side by side."""
+    t_ol, t_hu = _cpu_side_by_side(list(_one_loop_and_hutchinson(score, schedule, d, rows, steps)))
     return t_ol / rows, t_hu / rows
 
 
 def one_loop_time(score, schedule, d, rows=64, steps=STEPS):
-    proc = hbar.HProcess(schedule, score)
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (rows, d)))
-    grid = jnp.asarray(fluctuation_grid(schedule, steps))
-    keys = jax.random.split(jax.random.PRNGKey(0), rows)
-    probe = jax.random.rademacher(jax.random.PRNGKey(1), (rows, d), dtype=x.dtype)
-    ol = jax.jit(lambda a, k, g: one_loop_samples(proc, a, a, k, g)["ell1"])
-    hu = jax.jit(lambda a, p, g: _hutchinson_heun(proc, a, p, g))
-    return _timeit(ol, x, keys, grid) / rows, _timeit(hu, x, probe, grid) / rows
+    (ol, *a_ol), (hu, *a_hu) = _one_loop_and_hutchinson(score, schedule, d, rows, steps)
+    return _timeit(ol, *a_ol) / rows, _timeit(hu, *a_hu) / rows
 
 
 def exact_time(score, schedule, d, n=8):
