@@ -334,7 +334,7 @@ def train(
             out.print(f"held-out DSM loss (EMA weights): {_fmt(res.test_loss)}")
         x_train, _ = make_training_data(res.config)
         kl = path_kl_bound(res.score_fn, res.schedule, x_train[:1000], hs, jax.random.PRNGKey(0))
-        table = Table(title="path-KL bound KL(P^h || Q^h) up to an s-independent constant (theory.md §3)")
+        table = Table(title="path-KL bound KL(P^h || Q^h) up to an s-independent constant (docs/theory.md §3)")
         for col in ("h", "(1+h)^2/(8h)", "KL bound + const", "se"):
             table.add_column(col)
         for h, fac, v, se in zip(kl.hs, kl.factor, kl.kl_up_to_constant, kl.kl_up_to_constant_se):

@@ -1,4 +1,4 @@
-"""Data sets for training and evaluating score models (theory.md section 9).
+"""Data sets for training and evaluating score models (docs/theory.md section 9).
 
 Every generator has the signature ``fn(key_or_seed, n, **kwargs) -> np.ndarray`` of shape
 (n, d), dtype float64. ``key_or_seed`` is a non-negative Python int (the normal case:
@@ -21,7 +21,7 @@ Scalings (all stated per generator):
   and :func:`digits_bits_per_dim` for the bits/dim convention.
 
 Exact entropies (the best achievable NLL, in nats) are available through
-:func:`dataset_entropy` where they are known: swiss roll and 25 Gaussians (theory.md),
+:func:`dataset_entropy` where they are known: swiss roll and 25 Gaussians (docs/theory.md),
 Gaussians (closed form 0.5 log det(2 pi e S)), the checkerboard (uniform density: log of
 its area), 1-D mixtures (adaptive quadrature) and other Gaussian mixtures (Monte Carlo,
 -mean log p(x_i) over 200 000 draws with a fixed seed, with its standard error).
@@ -240,7 +240,7 @@ def gaussian_entropy(cov: Any) -> float:
 def swiss_roll(key_or_seed: Any, n: int, noise: float = 0.5, scale: float = SWISS_ROLL_SCALE) -> np.ndarray:
     """The paper's swiss roll: ``make_swiss_roll(n, noise=0.5, random_state=seed)``,
     columns [0, 2], divided by 6.865. Shape (n, 2). Exact entropy 1.333 +- 0.004 nats
-    (theory.md section 9; only for the default noise and scale)."""
+    (docs/theory.md section 9; only for the default noise and scale)."""
     from sklearn.datasets import make_swiss_roll
 
     x, _ = make_swiss_roll(_n(n), noise=_nonneg(noise, "noise"), random_state=_as_seed(key_or_seed))
@@ -262,7 +262,7 @@ def twenty_five_gaussians(
 ) -> np.ndarray:
     """The paper's 25 Gaussians: equal-weight components centred at (2i, 2j), i, j in
     {-2..2}, std 0.05, every coordinate divided by 2.828. Shape (n, 2).
-    Entropy -2.015 +- 0.005 nats (theory.md; for well separated components it is
+    Entropy -2.015 +- 0.005 nats (docs/theory.md; for well separated components it is
     log 25 + log(2 pi e (0.05 / 2.828)^2) = -2.0139)."""
     w, mu, sd = _grid25_spec(std, spacing, scale)
     w, mu, cv = _normalise_mixture(w, mu, sd)
@@ -685,7 +685,7 @@ def dataset_dim(name: str, **kwargs: Any) -> int:
 def dataset_entropy(name: str, **kwargs: Any) -> tuple[float, float] | None:
     """Exact (or numerically computed) differential entropy of the data distribution,
     (value, error) in nats, or None when unknown. The entropy is the lowest achievable
-    expected NLL. Sources: theory.md (swiss roll 1.333 +- 0.004, 25 Gaussians
+    expected NLL. Sources: docs/theory.md (swiss roll 1.333 +- 0.004, 25 Gaussians
     -2.015 +- 0.005; default parameters), closed forms (Gaussian, checkerboard; error 0),
     quadrature (1-D mixtures) or Monte Carlo with its standard error (other mixtures,
     see :func:`mixture_entropy`)."""

@@ -1,4 +1,4 @@
-"""Sample-quality metrics: Wasserstein-2 distances and sample moments (theory.md sections 7, 10).
+"""Sample-quality metrics: Wasserstein-2 distances and sample moments (docs/theory.md section 11).
 
 * :func:`w2_empirical` -- exact optimal-transport W2 between two point clouds with uniform
   weights (network simplex of POT, ``ot.emd2``, squared-Euclidean ground cost).
@@ -7,7 +7,7 @@
 
 Convention: every function returns W2 (a distance, same units as x) by default and W2
 squared with ``squared=True``. **The paper's code reports the exact EMD with squared-Euclidean
-cost, i.e. W2 squared** (theory.md section 10); pass ``squared=True`` to compare with it.
+cost, i.e. W2 squared** (docs/theory.md section 10); pass ``squared=True`` to compare with it.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _as_cov(c: Any, d: int, name: str) -> np.ndarray:
 
 
 def gaussian_w2(m1: Any, C1: Any, m2: Any, C2: Any, squared: bool = False) -> float:
-    """Closed-form W2 between N(m1, C1) and N(m2, C2) (Bures metric, theory.md section 7):
+    """Closed-form W2 between N(m1, C1) and N(m2, C2) (Bures metric, docs/theory.md section 11):
 
         W2^2 = |m1 - m2|^2 + tr( C1 + C2 - 2 (C1^{1/2} C2 C1^{1/2})^{1/2} ).
 

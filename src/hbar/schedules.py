@@ -1,4 +1,4 @@
-"""Forward noise schedules with linear drift (theory.md section 1).
+"""Forward noise schedules with linear drift (docs/theory.md section 1).
 
 Every schedule describes the forward SDE
 

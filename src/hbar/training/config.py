@@ -233,7 +233,7 @@ class TrainConfig:
     # ---- construction --------------------------------------------------------------
     @classmethod
     def paper(cls, dataset: str = "swiss_roll", schedule: Any = "simple", **overrides: Any) -> TrainConfig:
-        """The paper's setting (theory.md section 9): 3000 training points, PaperMLP
+        """The paper's setting (docs/theory.md section 9): 3000 training points, PaperMLP
         (3 x 128 swish, raw t, float32), Adam lr 1e-3, batch 512, 16000 epochs
         (5 steps each, 80 000 steps), g^2-weighted DSM. ``overrides`` replace any field."""
         base: dict[str, Any] = dict(

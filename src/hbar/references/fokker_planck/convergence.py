@@ -46,7 +46,7 @@ class FokkerPlanckLevel:
 
 @dataclasses.dataclass(frozen=True)
 class FokkerPlanckResult:
-    """Brute-force NLL(h) from the backward Fokker-Planck equation (theory.md section 8).
+    """Brute-force NLL(h) from the backward Fokker-Planck equation (docs/theory.md section 8).
 
     Shapes: nh values of h, n points.
 
