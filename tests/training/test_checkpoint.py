@@ -134,16 +134,6 @@ def test_weights_readable_without_hbar_format(tmp_path):
         load_safetensors_weights(tmp_path / "r")
 
 
-def test_old_benchmark_checkpoint_still_loads():
-    import pathlib
-
-    run = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "_runs" / "swiss_roll-400"
-    if not (run / CHECKPOINT_FILE).exists():
-        pytest.skip("benchmark runs not present")
-    score, sched, cfg = load_checkpoint(run)
-    assert score(jnp.zeros((2, 2)), 0.5).shape == (2, 2)
-
-
 def test_relative_data_path_resume_from_elsewhere(tmp_path, monkeypatch):
     """data_path is stored absolute, so a run is resumed from any directory."""
     work = tmp_path / "work"
