@@ -69,6 +69,20 @@ def test_train_sample_nll_roundtrip(run_dir):
     assert z["samples"].shape == (2, 16, 2) and list(z["h"]) == [0.0, 0.5] and z["valid"].all()
     ref = sample(score, schedule, jax.random.PRNGKey(0), 16, 0.5, steps=10)
     np.testing.assert_allclose(z["samples"][1], ref.samples, rtol=1e-12)
+    # EDM's churn sampler as an h(t): the same samples as the API call
+    from hbar.sampling import edm_churn
+
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--edm-churn", "40,0.05,50", "--n", "16", "--steps",
+                              "10", "--out", str(run_dir / "churn.npy")])
+    assert res.exit_code == 0, res.output
+    ref = sample(score, schedule, jax.random.PRNGKey(0), 16, edm_churn(40, 0.05, 50, 10, schedule), steps=10,
+                 grid="edm")
+    np.testing.assert_allclose(np.load(run_dir / "churn.npy"), ref.samples, rtol=1e-12)
+    assert not np.allclose(ref.samples, sample(score, schedule, jax.random.PRNGKey(0), 16, 0.0, steps=10,
+                                                grid="edm").samples)  # the churn really adds noise
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--edm-churn", "40,0.05", "--out",
+                              str(run_dir / "c2.npy")])
+    assert res.exit_code != 0 and "S_CHURN,S_TMIN,S_TMAX" in res.output
     x = load_dataset("swiss_roll", 8, seed=3)
     np.save(run_dir / "x.npy", x)
     res = runner.invoke(app, ["nll", str(run_dir / "run"), str(run_dir / "x.npy"), "--order", "1", "--n", "3",

@@ -366,6 +366,9 @@ def sample(
     h_window: Annotated[str | None, typer.Option(help="T_LO,T_HI: use --h only for t in [T_LO, T_HI] and --h-out "
                                                       "elsewhere (EDM's S_tmin/S_tmax churn window)")] = None,
     h_out: Annotated[float, typer.Option(help="h outside --h-window")] = 0.0,
+    edm_churn: Annotated[str | None, typer.Option(help="S_CHURN,S_TMIN,S_TMAX: EDM's stochastic sampler as an h(t) "
+                                                   "(hbar.sampling.edm_churn, on the edm grid of --steps; "
+                                                   "replaces --h)")] = None,
     seed: Annotated[int, typer.Option(help="PRNG seed (the same for every h: common random numbers)")] = 0,
     bound: Annotated[float | None, typer.Option(help="count trajectories leaving [-bound, bound]^d as failed")] = None,
     batch_size: Annotated[int | None, typer.Option(help="sample in batches of this size (progress per batch)")] = None,
@@ -384,6 +387,13 @@ def sample(
         from hbar.validation import HbarInputError, check_h
 
         hs = [float(v) for v in check_h(_parse_floats(h, "--h"), "--h")]
+        churn = None
+        if edm_churn is not None:
+            churn = _parse_floats(edm_churn, "--edm-churn")
+            if len(churn) != 3:
+                raise HbarInputError(f"--edm-churn takes S_CHURN,S_TMIN,S_TMAX, got {edm_churn!r}")
+            if h_window is not None or len(hs) > 1:
+                raise HbarInputError("--edm-churn sets h(t) itself: use it without --h-window and with one --h")
         _check_out(output, (".npy", ".npz"))
         if len(hs) > 1 and output.suffix.lower() != ".npz":
             raise HbarInputError(f"--h has {len(hs)} values: --out must end in .npz (one array per h), got {output}")
@@ -394,12 +404,20 @@ def sample(
             for hv in hs:
                 make_window(hv, *window, h_out)  # checks the window before anything runs
         score, schedule, cfg = load_checkpoint(run_dir)
+        grid_kw: dict[str, Any] = {}
+        if churn is not None:
+            from hbar.sampling import edm_churn as make_churn
+
+            churn_h = make_churn(*churn, steps, schedule)
+            grid_kw["grid"] = "edm"
         t0 = time.perf_counter()
         results = []
         with _progress() as prog:
             task: list[Any] = []
             for i, hv in enumerate(hs):
                 h_arg: Any = hv if window is None else make_window(hv, *window, h_out)
+                if churn is not None:
+                    h_arg = churn_h
 
                 def cb(done: int, tot: int, i: int = i) -> None:
                     if not task:
@@ -408,7 +426,7 @@ def sample(
 
                 results.append(run_sample(score, schedule, jax.random.PRNGKey(seed), n, h_arg, steps=steps,
                                           method=method, d=cfg.network["d"], bound=bound, batch_size=batch_size,
-                                          sde_options=SDEOptions(solver=solver), progress=cb))
+                                          sde_options=SDEOptions(solver=solver), progress=cb, **grid_kw))
         if output.suffix.lower() == ".npz":
             np.savez(output, h=np.asarray(hs), samples=np.stack([r.samples for r in results]),
                      valid=np.stack([r.valid for r in results]))
@@ -416,6 +434,8 @@ def sample(
             np.save(output, results[0].samples)
         for hv, res in zip(hs, results):
             h_txt = f"{hv:g}" if window is None else f"{hv:g} on t in [{h_window}], {h_out:g} elsewhere"
+            if churn is not None:
+                h_txt = f"EDM churn (S_churn, S_tmin, S_tmax) = {tuple(churn)} on the edm grid"
             out.print(f"{n} samples at h={h_txt} ({method}, {res.nfe} score evaluations); failed trajectories: "
                       f"{res.n_failed}")
         out.print(f"{time.perf_counter() - t0:.2f} s -> {output}")
