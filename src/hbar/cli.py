@@ -199,32 +199,11 @@ def _check_out(path: Path | None, suffixes: tuple[str, ...], option: str = "--ou
     return path
 
 
-def _strict(v: Any) -> Any:
-    """A JSON-ready copy of v: NumPy arrays and scalars as lists / numbers, NaN and +-inf as None."""
-    import math
-
-    import numpy as np
-
-    if isinstance(v, dict):
-        return {str(k): _strict(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _strict(v.tolist())
-    if isinstance(v, np.generic):
-        return _strict(v.item())
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
 def _write_json(path: Path, payload: dict) -> None:
     """Write payload as strict JSON (null for NaN / inf), atomically."""
-    from hbar.serialization import atomic_write
+    from hbar.serialization import atomic_write, to_jsonable
 
-    atomic_write(path, (json.dumps(_strict(payload), allow_nan=False, indent=1) + "\n").encode("utf-8"))
+    atomic_write(path, (json.dumps(to_jsonable(payload), allow_nan=False, indent=1) + "\n").encode("utf-8"))
 
 
 def _warn(msg: str) -> None:

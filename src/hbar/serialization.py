@@ -54,7 +54,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 def to_jsonable(v: Any) -> Any:
     """Deep JSON-safe copy: NumPy arrays and scalars to lists / Python numbers, tuples to
-    lists, dict keys to str, NaN and inf to None (strict JSON has no NaN)."""
+    lists, dict keys to str, paths to str, NaN and inf to None (strict JSON has no NaN)."""
     if isinstance(v, dict):
         return {str(k): to_jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -68,4 +68,6 @@ def to_jsonable(v: Any) -> Any:
     if isinstance(v, (float, np.floating)):
         f = float(v)
         return f if math.isfinite(f) else None
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
     return v
