@@ -160,9 +160,11 @@ def feature_scale(score: Callable, schedule: Schedule, x: np.ndarray, quantile: 
     import jax
     import jax.numpy as jnp
 
+    from hbar.derivatives import jacobian_rows
+
     t = jnp.asarray(schedule.t_min, dtype=jnp.result_type(float))
-    jac = jax.jit(jax.vmap(jax.jacfwd(lambda p: score(p[None, :], t)[0])))
-    J = np.asarray(jac(jnp.asarray(x)))
+    jac = jax.jit(lambda z: jacobian_rows(lambda y: score(y, t), z)[1])  # batched jvps (hbar.derivatives)
+    J = np.asarray(jac(jnp.asarray(x, dtype=t.dtype)))
     lam = np.linalg.eigvalsh(-0.5 * (J + np.swapaxes(J, 1, 2)))[:, -1]
     lam_q = float(np.quantile(lam, quantile))
     if not np.isfinite(lam_q) or lam_q <= 0:
