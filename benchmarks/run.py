@@ -44,6 +44,7 @@ from hbar.series import polynomial_coefficients  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import trained  # noqa: E402
+from timing import best_of  # noqa: E402
 
 TOL = 1e-5
 # the defaults: error_on="returned", stage_loop="auto" (scan backward, while forward), batching="auto"
@@ -51,17 +52,6 @@ NEW = dict(options=ODEOptions(rtol=TOL, atol=TOL))
 OLD_OPTIONS = ODEOptions(rtol=TOL, atol=TOL, error_on="all", stage_loop="while")
 OLD = dict(options=OLD_OPTIONS, batching="batch")  # the settings before these options existed
 TIGHT = ODEOptions(rtol=1e-9, atol=1e-9, error_on="all")
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    """Minimum wall time over repeats (after one warm-up call that compiles)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench_sampler(score, schedule, n: int, steps: int) -> dict:

@@ -282,3 +282,207 @@ def test_nll_order2_cautions(run_dir):
                               "--h", "0.1,50", "--rtol", "1e-3", "--atol", "1e-3"])
     assert res.exit_code == 0, res.output
     assert "warning: NLL(h=50) WKB-2 is outside the series' range of validity" in res.output
+
+
+# --- issue 15: every input checked before computing, nothing finished is lost ----------------------
+
+def _one_error_line(res, msg):
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and res.output.count("\n") == 1, res.output  # one line, nothing before
+    assert msg in res.output, res.output
+
+
+def test_values_and_paths_checked_before_computing(run_dir, tmp_path):
+    run, x = str(run_dir / "run"), str(tmp_path / "x.npy")
+    np.save(x, np.zeros((4, 2)))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "empty_run").mkdir()
+    tiny = ["--epochs", "1", "--n", "64", "--batch-size", "32", "--network", TINY_NET]
+    for args, msg in [
+        (["nll", run, x, "--order", "1", "--h", "-0.1"], "--h must be >= 0"),
+        (["nll", run, x, "--n", "-1"], "--n must be a positive integer"),
+        (["nll", run, x, "--n", "0"], "--n must be a positive integer"),
+        (["nll", run, x, "--rtol", "inf"], "--rtol must be finite"),
+        (["nll", run, x, "--atol", "0"], "--atol must be a finite positive number"),
+        (["nll", run, x, "--bound", "0"], "--bound must be a finite positive number"),
+        (["nll", run, x, "--seed", str(2**32)], "--seed must be an integer in [0, 2**32 - 1]"),
+        (["nll", run, x, "--out", str(tmp_path)], "must end in .json"),
+        (["nll", run, x, "--out", str(tmp_path / "no" / "n.json")], "does not exist"),
+        (["nll", str(afile), x], "is a file, not a training run directory"),
+        (["path-nll", run, x, "--n", "-1"], "--n must be a positive integer"),
+        (["path-nll", run, x, "--seed", "-1"], "--seed must be an integer"),
+        (["sample", run, "--seed", str(2**32), "--out", str(tmp_path / "s.npy")], "--seed must be an integer"),
+        (["sample", run, "--seed", "-1", "--out", str(tmp_path / "s.npy")], "--seed must be an integer"),
+        (["sample", run, "--n", "-1", "--out", str(tmp_path / "s.npy")], "--n must be a positive integer"),
+        (["sample", run, "--batch-size", "0", "--out", str(tmp_path / "s.npy")], "--batch-size must be a positive"),
+        (["sample", run, "--out", str(tmp_path / "s.txt")], "must end in .npy or .npz"),
+        (["sample", run, "--out", str(tmp_path / "no" / "s.npy")], "does not exist"),
+        (["sample", str(afile), "--out", str(tmp_path / "s.npy")], "is a file, not a training run directory"),
+        (["train", "--run-dir", str(tmp_path / "r"), "--kl-h", "0"] + tiny, "--h must be > 0"),
+        (["train", "--run-dir", str(tmp_path / "r"), "--seed", str(2**32)] + tiny, "--seed must be an integer"),
+        (["train", "--run-dir", str(afile)] + tiny, "is an existing file"),
+        (["train", "--run-dir", str(tmp_path / "empty_run"), "--resume"], "holds no config.json"),
+        (["train", "--run-dir", str(tmp_path / "nowhere"), "--resume"], "holds no config.json"),
+        (["demo", "--out", str(afile)], "is an existing file"),
+        (["reproduce", "--out", str(tmp_path / "rep"), "--seed", str(2**32)], "--seed must be an integer"),
+    ]:
+        _one_error_line(runner.invoke(app, args), msg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty_run", "x.npy"]  # nothing written
+    assert not list((tmp_path / "empty_run").iterdir())
+
+
+def test_sample_batch_size_writes_exactly_the_printed_file(run_dir, tmp_path):
+    import jax
+
+    from hbar import sample
+    from hbar.training import load_checkpoint
+
+    out = tmp_path / "s.npy"
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--n", "6", "--steps", "5", "--batch-size", "2",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().endswith(f"-> {out}") and sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+    score, schedule, _ = load_checkpoint(run_dir / "run")
+    ref = sample(score, schedule, jax.random.PRNGKey(0), 6, 1.0, steps=5, batch_size=2)
+    np.testing.assert_allclose(np.load(out), ref.samples, rtol=1e-12)
+
+
+def test_train_into_a_locked_run_dir_is_refused(tmp_path):
+    from hbar.locking import run_lock
+
+    with run_lock(tmp_path / "r", "someone else"):
+        res = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--n", "64",
+                                  "--batch-size", "32", "--network", TINY_NET])
+        assert res.exit_code == 2 and "is in use by pid" in res.output and "someone else" in res.output, res.output
+        assert "training (loss" not in res.output  # refused before any training step
+        assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".hbar.lock"]
+
+
+def test_edited_config_refused_unless_allowed(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run", run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["schedule"] = {"name": "cosine"}
+    (run / "config.json").write_text(json.dumps(cfg))
+    np.save(tmp_path / "x.npy", np.zeros((2, 2)))
+    res = runner.invoke(app, ["nll", str(run), str(tmp_path / "x.npy")])
+    _one_error_line(res, "different config")
+    assert "schedule" in res.output and "--allow-config-mismatch" in res.output
+    res = runner.invoke(app, ["nll", str(run), str(tmp_path / "x.npy"), "--allow-config-mismatch"])
+    assert res.exit_code == 0, res.output
+    assert sum(ln.startswith("warning: ") and "loaded anyway" in ln for ln in res.output.splitlines()) == 1
+
+
+def _x8(run_dir):
+    from hbar.data import load_dataset
+
+    np.save(run_dir / "x8.npy", load_dataset("swiss_roll", 8, seed=3))
+    return run_dir / "x8.npy"
+
+
+def test_nll_in_chunks_and_ctrl_c_keeps_finished_points(run_dir, tmp_path, monkeypatch):
+    """Ctrl-C during `hbar nll` kept none of the finished points. Now the points run in chunks;
+    an interrupt writes the finished ones (strict JSON, "partial": true) and says so."""
+    import hbar
+    import hbar.cli as cli
+    from hbar.training import load_checkpoint
+
+    x = _x8(run_dir)
+    score, schedule, _ = load_checkpoint(run_dir / "run")
+    ref = hbar.nll(score, schedule, np.load(x)[:6])
+    monkeypatch.setattr(cli, "NLL_CHUNK", 2)
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(x), "--n", "6", "--out", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    got = _strict_json(tmp_path / "a.json")
+    assert got["partial"] is False and got["n_done"] == got["n_total"] == 6 and got["summary"]["n"] == 6
+    # chunks of 2 instead of one batch of 6: equal to the solver tolerance (adaptive steps are per batch)
+    np.testing.assert_allclose(got["nll0"], ref.nll0, rtol=1e-4)
+    real, calls = hbar.nll, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(hbar, "nll", interrupted)
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(x), "--n", "6", "--out", str(tmp_path / "p.json")],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 130, res.output
+    assert "PARTIAL: 4 of 6 points" in " ".join(res.output.split())
+    assert "interrupted: 4 of 6 points finished; partial results written to" in " ".join(res.output.split())
+    part = _strict_json(tmp_path / "p.json")
+    assert part["partial"] is True and part["n_done"] == 4 and part["n_total"] == 6 and "interrupted" in part["note"]
+    np.testing.assert_array_equal(part["nll0"], got["nll0"][:4])
+    calls.clear()
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(x), "--n", "6"], env={"COLUMNS": "200"})  # no --out
+    assert res.exit_code == 130 and "PARTIAL: 4 of 6" in res.output and "no file written" in res.output
+
+
+def test_output_error_keeps_the_results(run_dir, tmp_path, monkeypatch):
+    """An output that fails after the computation (folder removed meanwhile, disk full) keeps
+    the results in a rescue file and says where; the nll JSON is strict (null for NaN)."""
+    import hbar.serialization as ser
+
+    real = ser.atomic_write
+
+    def failing(path, data):
+        if "gone" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ser, "atomic_write", failing)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    (tmp_path / "gone").mkdir()
+    x = _x8(run_dir)
+    res = runner.invoke(app, ["nll", str(run_dir / "run"), str(x), "--n", "2", "--bound", "1e-9",
+                              "--out", str(tmp_path / "gone" / "n.json")], env={"COLUMNS": "500"})
+    assert res.exit_code == 2 and "No space left on device" in res.output, res.output
+    rescue = [p for p in tmp_path.iterdir() if p.name.startswith("hbar-rescue-")]
+    assert len(rescue) == 1 and f"the results are kept in {rescue[0]}" in res.output
+    got = _strict_json(rescue[0])  # every point failed the bound: the means are NaN -> null
+    assert got["summary"]["n_failed"] == 2 and got["summary"]["nll0"] == [None, None]
+
+
+def test_sample_ctrl_c_keeps_finished_h_values(run_dir, tmp_path, monkeypatch):
+    import hbar
+
+    real, calls = hbar.sample, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(hbar, "sample", interrupted)
+    out = tmp_path / "s.npz"
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--h", "0,1", "--n", "4", "--steps", "5", "--out",
+                              str(out)])
+    assert res.exit_code == 130 and "1 of 2 h values finished" in res.output, res.output
+    z = np.load(out)
+    assert bool(z["partial"]) and list(z["h"]) == [0.0] and z["samples"].shape == (1, 4, 2)
+
+
+def test_interrupt_message_says_what_was_kept(run_dir, tmp_path, monkeypatch):
+    """The old message claimed finished work was kept for every command; now it says what is."""
+    import hbar.path
+    import hbar.training
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    x = _x8(run_dir)
+    monkeypatch.setattr(hbar.path, "path_nll", stop)
+    res = runner.invoke(app, ["path-nll", str(run_dir / "run"), str(x), "--n", "2"])
+    assert res.exit_code == 130 and res.output.strip().endswith("interrupted: nothing was written"), res.output
+    monkeypatch.setattr(hbar.training, "train", stop)
+    res = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r"), "--n", "64", "--batch-size", "32"],
+                        env={"COLUMNS": "300"})
+    assert res.exit_code == 130 and f"checkpointed in {tmp_path / 'r'}" in res.output and "--resume" in res.output

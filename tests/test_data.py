@@ -233,3 +233,20 @@ def test_csv_index_column_is_never_read_silently(tmp_path):
     np.testing.assert_allclose(load_points(ok), x)
     with pytest.raises(HbarInputError, match="index_col=5"):
         load_points(p, index_col=5)
+
+
+def test_csv_first_row_typo_is_an_error_not_a_header(tmp_path):
+    """issue 15: a first data row with a typo ('l.5' for '1.5') was silently taken as a header and lost.
+    A header has no numeric field (or pandas' empty first field); a mixed first row is an error
+    naming the line and the field."""
+    p = tmp_path / "typo.csv"
+    p.write_text("l.5,2.0\n3.0,4.0\n5.0,6.0\n")
+    with pytest.raises(HbarInputError, match=r"line 1, field 1: cannot read 'l\.5'.*header"):
+        load_points(p)
+    p.write_text("# x,y\n1.5,2.x\n3.0,4.0\n")  # after a comment line, field 2
+    with pytest.raises(HbarInputError, match=r"line 2, field 2: cannot read '2\.x'"):
+        load_points(p)
+    p.write_text("x,y\n1.5,2.0\n3.0,4.0\n")  # a real header: every field text
+    np.testing.assert_array_equal(load_points(p), [[1.5, 2.0], [3.0, 4.0]])
+    p.write_text(",0,1\n0,1.5,2.0\n1,3.0,4.0\n")  # pandas' to_csv of an unnamed frame: header ",0,1"
+    np.testing.assert_array_equal(load_points(p, index_col=0), [[1.5, 2.0], [3.0, 4.0]])

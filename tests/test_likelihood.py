@@ -1,9 +1,15 @@
 """h = 0 likelihood: closed forms in any dimension, direction of integration, Hutchinson, failures."""
 
+import math
+import warnings
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hbar
 from _cases import gaussian_case
@@ -122,3 +128,95 @@ def test_likelihoods_are_float64_when_the_caller_runs_float32():
     assert smp.samples.dtype == np.float32  # sampling follows the caller's precision
     res64 = nll(net, s, x, options=ODEOptions(rtol=1e-8, atol=1e-8))
     np.testing.assert_allclose(res32.nll0, res64.nll0, rtol=1e-12)
+
+
+# --- reliability (issue 15; docs/theory.md sections 14.1-14.3) -----------------------------------
+
+class _NaNAbove(eqx.Module):
+    """A wrong affine score that returns NaN wherever x_0 > 1 (some trajectories only)."""
+
+    base: object
+    dim: int = 2
+
+    def __call__(self, x, t):
+        return jnp.where(x[:, :1] > 1.0, jnp.nan, self.base(x, t))
+
+
+def _nan_case():
+    s = hbar.SimpleSchedule()
+    base = hbar.gaussian_score(np.zeros(2), 0.5 * np.eye(2), s, scale_eps=0.1)
+    x = np.array([[0.0, 0.0], [0.95, 0.2], [1.5, 0.0], [-0.7, 0.4], [0.3, -1.2], [1.2, 1.0]])
+    return s, base, _NaNAbove(base), x
+
+
+# rows 2 and 5 start at x_0 > 1, row 1 drifts past x_0 = 1 on its way to T
+NAN_CASE_VALID = np.array([True, False, False, True, True, False])
+
+
+def test_nan_score_fails_fast_and_flags_only_its_trajectories():
+    """A NaN score ends a trajectory after a few dozen evaluations (not max_steps = 20000 steps),
+    and only that trajectory: the others keep their clean values (order 1, NLL0 and C1)."""
+    s, base, bad, x = _nan_case()
+    clean = nll(base, s, x, order=1)
+    with pytest.warns(UserWarning, match="3 of 6 trajectories failed"):
+        res = nll(bad, s, x, order=1)
+    np.testing.assert_array_equal(res.valid, NAN_CASE_VALID)
+    assert res.extras["failures"]["solver"] + res.extras["failures"]["non-finite"] == 3
+    per_point = res.extras["evals_forward_per_point"]
+    assert np.all(per_point[~res.valid] < 1000), per_point  # max_steps would be 120 000 evaluations
+    assert res.evals_forward < 2000
+    ok = res.valid
+    np.testing.assert_allclose(res.nll0[ok], clean.nll0[ok], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res.c1[ok], clean.c1[ok], rtol=1e-3, atol=1e-3)
+    assert np.isfinite(res.nll0_mean[0]) and np.isfinite(res.c1_mean[0])
+
+
+@settings(max_examples=4, deadline=None)
+@given(bs=st.sampled_from([1, 4]), batching=st.sampled_from(["batch", "per-point"]))
+def test_a_points_nll_does_not_depend_on_its_batch(bs, batching):
+    """Property: whatever the batch split and whichever neighbours fail (NaN score), a valid point's
+    NLL0 equals its clean single-batch value to the solver tolerance ("per-point": to rounding)
+    and the failed points are the same."""
+    s, base, bad, x = _nan_case()
+    opts = ODEOptions(rtol=1e-7, atol=1e-7)
+    ref = nll(base, s, x, options=opts, batch_size=6, batching="per-point")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = nll(bad, s, x, options=opts, batch_size=bs, batching=batching)
+    np.testing.assert_array_equal(res.valid, NAN_CASE_VALID)
+    tol = 1e-10 if batching == "per-point" else 1e-5
+    np.testing.assert_allclose(res.nll0[res.valid], ref.nll0[res.valid], rtol=tol, atol=tol)
+
+
+def test_default_bound_flags_a_score_that_explodes():
+    """s = -x - 50 x makes the flow dx/dt = 25 g^2 x: x_T ~ x e^{25 int g^2} is huge but finite.
+    The default bound 100 (prior_std + max|x|) flags it; bound=inf keeps only the finite check."""
+    s = hbar.SimpleSchedule()
+    score = lambda x, t: -51.0 * x
+    x = np.array([[0.0, 0.0], [0.3, 0.1]])
+    with pytest.warns(UserWarning, match="out of bound"):
+        res = nll(score, s, x)
+    assert list(res.valid) == [True, False] and res.extras["bound"] == pytest.approx(100 * (1 + 0.3))
+    assert res.extras["failures"]["out of bound"] == 1
+    assert np.isfinite(res.nll0_mean[0])
+    unbounded = nll(score, s, x, bound=math.inf)
+    assert unbounded.n_failed == 0 and np.max(np.abs(unbounded.extras["x_T"])) > 1e3
+
+
+def test_reliability_input_errors():
+    s = hbar.SimpleSchedule()
+    score = hbar.gaussian_score(np.zeros(2), np.eye(2), s)
+    x = np.zeros((3, 2))
+    for b in (0.0, -1.0, float("nan"), "big"):
+        with pytest.raises(hbar.HbarInputError, match="bound must be"):
+            nll(score, s, x, bound=b)
+    with pytest.raises(hbar.HbarInputError, match="fd_step"):
+        nll(score, s, x, order=1, method="finite-difference", fd_step=0)
+    with pytest.raises(hbar.HbarInputError, match=r"dimension 1 .*d = 2.*1-D"):
+        nll(score, s, np.zeros(3))
+    with pytest.raises(hbar.HbarInputError, match=r"\(2, 2\) to \(2, 2\), got \(2, 1\)"):
+        nll(lambda x, t: -x[:, :1], s, x)
+    with pytest.raises(hbar.HbarInputError, match="shape"):
+        nll(lambda x, t: -x @ jnp.ones((3, 3)), s, x)
+    with pytest.raises(hbar.HbarInputError, match="rtol must be finite"):
+        nll(score, s, x, options=ODEOptions(rtol=float("inf")))

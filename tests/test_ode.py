@@ -66,3 +66,40 @@ def test_stage_loop_variants_give_the_same_solution():
 def test_bad_options_are_rejected(bad):
     with pytest.raises(HbarInputError):
         ODEOptions(**bad)
+
+
+# --- failure semantics (issue 15; docs/theory.md section 14.1, 14.3) ------------------------------
+
+@pytest.mark.parametrize("bad", [dict(rtol=float("inf")), dict(atol=float("nan")), dict(rtol=0.0), dict(atol=-1e-5),
+                                 dict(max_steps=0), dict(min_step=1.0), dict(min_step=-1e-3)])
+def test_non_finite_or_non_positive_tolerances_are_rejected(bad):
+    with pytest.raises(HbarInputError):
+        ODEOptions(**bad)
+
+
+def test_non_finite_field_ends_the_solve_within_a_few_steps():
+    """A field that turns NaN mid-way: the solve fails after a few dozen steps (the step size
+    collapses below min_step |t1 - t0|), not after max_steps."""
+    field = lambda t, y: jnp.where(t > 0.5, jnp.nan, -y)
+    opts = ODEOptions(max_steps=20_000)
+    sol = jax.jit(lambda y: dict(solve_ode(field, y, 0.0, 1.0, opts)))(jnp.ones(3))
+    assert not bool(sol["ok"])
+    assert int(sol["num_steps"]) < 100
+    # the clean field succeeds with the same options
+    sol = jax.jit(lambda y: dict(solve_ode(lambda t, y: -y, y, 0.0, 1.0, opts)))(jnp.ones(3))
+    assert bool(sol["ok"]) and int(sol["num_steps"]) < 100
+
+
+def test_bound_ends_a_diverging_solve_at_once():
+    """dy/dt = 3 y from y = 1 leaves [-10, 10] at t = log(10)/3 ~ 0.77: with bound 10 the solve
+    stops there (failed) after few steps; only the bounded part counts."""
+    grow = lambda t, y: (3.0 * y[0], 1000.0 * jnp.ones_like(y[1]))
+    y0 = (jnp.ones(2), jnp.zeros(2))
+    run = jax.jit(lambda y, b: dict(solve_ode(grow, y, 0.0, 2.0, ODEOptions(), bound=b, bounded=lambda s: s[0])))
+    sol = run(y0, 10.0)
+    assert not bool(sol["ok"])
+    x, aux = sol["y1"]
+    assert 10.0 < float(jnp.max(x)) < 20.0  # the first accepted state past the bound
+    sol = run(y0, 500.0)  # x ends at e^6 ~ 403 < 500; aux reaches 2000 but is not bounded
+    assert bool(sol["ok"])
+    np.testing.assert_allclose(sol["y1"][0], np.exp(6.0), rtol=1e-4)

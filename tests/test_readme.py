@@ -30,6 +30,12 @@ SMALL_PY = {
                           ("tol=1e-2", "tol=5e-2")],
     "TrainConfig(dataset=": [("n_train=1000, batch_size=250, epochs=20", "n_train=64, batch_size=32, epochs=2")],
     "from_eps": [],
+    "TrainConfig.images(": [
+        ('TrainConfig.images("mnist5k")', 'TrainConfig.images("digits8x8", epochs=1, network={"name": "unet", '
+         '"base_channels": 4, "channel_mults": [1], "blocks": 1, "groups": 2, "embed_dim": 8})'),
+        ('load_images("mnist5k", "test", n=16)', 'load_images("digits8x8", "test", n=2)'),
+        ("key=jax.random.PRNGKey(1))", "key=jax.random.PRNGKey(1), probes=1, steps=2)"),
+    ],
     "h_window(": [("n=500, h=churn, steps=100", "n=50, h=churn, steps=10"), ("n=200, h=1.0", "n=20, h=1.0")],
 }
 SMALL_CLI = [("--epochs 20", "--epochs 2 --n 256 --batch-size 64 --h 1"), ("--epochs 30", "--epochs 3"),

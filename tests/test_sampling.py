@@ -191,3 +191,73 @@ def test_h_of_t_and_sde_options_errors():
         hbar.sample(score, sch, jax.random.PRNGKey(0), n=4, h=1.0, method="sde", sde_options=SDEOptions(solver="x"))
     with pytest.raises(hbar.HbarInputError, match="t_lo <= t_hi"):
         h_window(1.0, 0.5, 0.2)
+
+
+# --- reliability (issue 15; docs/theory.md sections 14.1-14.2) ------------------------------------
+
+@pytest.mark.parametrize("method", ["euler", "heun", pytest.param("sde", marks=pytest.mark.slow)])
+def test_default_bound_flags_blowups_without_an_explicit_bound(method):
+    """h = 1e6 (audit: samples of size 9e57 with n_failed = 0) and a score that explodes for
+    x > 1 are flagged by the default bound 100 (prior_std + 1), every trajectory ended there."""
+    s = hbar.SimpleSchedule()
+    sc = hbar.gaussian_score(np.zeros(2), np.eye(2), s)
+    steps = 40
+    with pytest.warns(UserWarning, match="blew up"):
+        res = sample(sc, s, jax.random.PRNGKey(0), 16, 1e6, steps=steps, method=method)
+    assert res.n_failed == 16 and not res.valid.any()
+    explode = lambda x, t: jnp.where(x > 1.0, jnp.exp(30.0 * x), -x)
+    with pytest.warns(UserWarning, match="blew up"):
+        res = sample(explode, s, jax.random.PRNGKey(1), 16, 1.0, steps=steps, method=method, d=2)
+    assert res.n_failed > 0
+    assert np.all(np.abs(res.valid_samples) <= 200.0)
+    if method != "sde":  # fixed steps: a failed row is frozen at its first state beyond the bound
+        np.testing.assert_array_equal(res.valid, np.all(np.abs(res.samples) <= 200.0, axis=1))
+    # (adaptive "sde": the huge drift also collapses the step size -> solver failure, state in bound)
+
+
+def test_nan_score_ends_a_trajectory_at_once():
+    """Fixed-step methods freeze a failing row at its first non-finite state; the other rows
+    are not affected (same values as with a clean score)."""
+    s = hbar.SimpleSchedule()
+    sc = hbar.gaussian_score(np.zeros(2), np.eye(2), s)
+    bad = lambda x, t: jnp.where(x[:, :1] > 1.5, jnp.nan, sc(x, t))
+    clean = sample(sc, s, jax.random.PRNGKey(3), 32, 0.5, steps=30, method="heun")
+    with pytest.warns(UserWarning, match="blew up"):
+        res = sample(bad, s, jax.random.PRNGKey(3), 32, 0.5, steps=30, method="heun", d=2, return_path=True)
+    assert 0 < res.n_failed < 32
+    np.testing.assert_array_equal(res.samples[res.valid], clean.samples[res.valid])
+    for i in np.nonzero(~res.valid)[0]:  # once non-finite, the row stays at that state
+        first = int(np.argmax(~np.all(np.isfinite(res.path[:, i]), axis=1)))
+        assert first > 0
+        np.testing.assert_array_equal(res.path[first:, i], np.broadcast_to(res.path[first, i], res.path[first:, i].shape))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "adaptive", pytest.param("sde", marks=pytest.mark.slow)])
+def test_samples_do_not_depend_on_batch_size(method):
+    """Point i's noise is drawn from fold_in(key, i) and its adaptive steps are its own, so the
+    batch size changes nothing (fixed-step and ODE methods to rounding, the adaptive SDE to its
+    tolerance: a rounding-level change may move one accepted step)."""
+    s = hbar.SimpleSchedule()
+    sc = hbar.gaussian_score(np.zeros(2), np.eye(2), s, scale_eps=0.2)
+    h = 0.0 if method == "adaptive" else 0.5
+    a = sample(sc, s, jax.random.PRNGKey(7), 10, h, steps=30, method=method)
+    b = sample(sc, s, jax.random.PRNGKey(7), 10, h, steps=30, method=method, batch_size=3)
+    tol = 1e-2 if method == "sde" else 1e-5
+    np.testing.assert_allclose(a.samples, b.samples, rtol=tol, atol=tol)
+    assert not np.allclose(a.samples[0], a.samples[1])  # the points' noises differ
+
+
+def test_reliability_input_errors(mixture):
+    s, sc = mixture
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(hbar.HbarInputError, match="h must be a number"):
+        sample(sc, s, key, 4, [0.1, 0.9])
+    with pytest.raises(hbar.HbarInputError, match="h must be a number"):
+        sample(sc, s, key, 4, np.array([0.5]))
+    for b in (0.0, -2.0, float("nan")):
+        with pytest.raises(hbar.HbarInputError, match="bound must be"):
+            sample(sc, s, key, 4, 0.5, bound=b)
+    with pytest.raises(hbar.HbarInputError, match=r"\(2, 2\) to \(2, 2\), got \(2, 1\)"):
+        sample(lambda x, t: -x[:, :1], s, key, 4, 0.5, d=2)
+    with pytest.raises(hbar.HbarInputError, match="score is for d = 2"):
+        sample(sc, s, key, 4, 0.5, d=3)

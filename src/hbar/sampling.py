@@ -18,6 +18,11 @@ Methods
 With step size D = t_k - t_{k+1} > 0 (time runs backward), one Euler–Maruyama step is
 
     x_{k+1} = x_k - u(x_k, t_k) D + sqrt(h g(t_k)^2 D) z_k,    z_k ~ N(0, I).
+
+Reliability (docs/theory.md sections 14.1-14.2): z_k of point i is drawn from
+fold_in(fold_in(noise key, i), k), so a sample does not depend on ``batch_size``; a trajectory that
+turns non-finite or leaves [-bound, bound]^d (default 100 (prior_std + 1)) is ended at that step and
+counted in ``n_failed``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from hbar import distributed
 from hbar.ode import ODEOptions, all_finite_rows, solve_ode
 from hbar.process import HProcess
-from hbar.schedules import Schedule
-from hbar.scores import declared_dim
+from hbar.schedules import Schedule, resolve_bound
+from hbar.scores import check_score_shape, declared_dim
 from hbar.validation import HbarInputError, check_h, check_positive_int
 
 __all__ = ["SampleResult", "sample", "time_grid", "METHODS", "score_dimension", "simulate_path", "cast_floats",
@@ -193,7 +199,9 @@ class SampleResult:
     """Samples at t_min and what it cost.
 
     samples: (n, d) final states (rows that blew up are kept, flagged in ``valid``);
-    valid: (n,) bool, finite and (if a bound was given) never outside [-bound, bound]^d;
+    valid: (n,) bool: the trajectory stayed finite and inside [-bound, bound]^d (default bound
+    100 (prior_std + 1)) and its solver succeeded; a failed trajectory is ended at its first
+    offending step (docs/theory.md section 14.1);
     n_failed: number of invalid rows (also warned about: never dropped silently);
     nfe: number of batched score evaluations (each on all n points);
     path: (steps + 1, n, d) trajectory when requested, else None; times: (steps + 1,).
@@ -214,17 +222,37 @@ class SampleResult:
         return self.samples[self.valid]
 
 
+def _row_normals(row_keys: Array, k: Array, d: int, dtype) -> Array:
+    """Standard normals (n, d) of step k: row i's from its own key, fold_in(row_keys[i], k),
+    so a row's noise depends on (seed, point index, step) only, not on its batch."""
+    return jax.vmap(lambda rk: jax.random.normal(jax.random.fold_in(rk, k), (d,), dtype=dtype))(row_keys)
+
+
+def point_keys(key: Array, start: int, stop: int) -> Array:
+    """Keys of the points start..stop-1 of a sample: fold_in(key, i) for point index i
+    (docs/theory.md section 14.2: samples do not depend on ``batch_size``)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, stop, dtype=jnp.uint32))
+
+
 def _sde_scan(u: Callable, var_rate: Callable, x0: Array, ts: Array, key: Array, method: str,
-              bound: float, keep_path: bool):
+              bound: float, keep_path: bool, row_keys: Array | None = None):
     """Fixed-grid Euler–Maruyama / stochastic Heun over the decreasing grid ``ts`` for
     dx = u dt + sqrt(var_rate(t)) dw (var_rate = h g^2 for the h-family).
-    Carries a running max |x| per row to detect excursions. Returns (x, maxabs, path|None)."""
+
+    Noise: with ``row_keys`` (n,) row i draws its normals from its own key
+    (:func:`_row_normals`), else the step's normals come from fold_in(key, k) for the whole array.
+    A row whose new state is non-finite or has an entry beyond ``bound`` is ended there: it is
+    frozen at that first offending state for the remaining steps (docs/theory.md section 14.1).
+    Returns (x, alive (n,) bool, path|None)."""
 
     def step(carry, inp):
-        x, maxabs = carry
+        x, alive = carry
         k, t0, t1 = inp
         dt = t0 - t1  # > 0
-        z = jax.random.normal(jax.random.fold_in(key, k), x.shape, dtype=x.dtype)
+        if row_keys is None:
+            z = jax.random.normal(jax.random.fold_in(key, k), x.shape, dtype=x.dtype)
+        else:
+            z = _row_normals(row_keys, k, x.shape[-1], x.dtype)
         u0 = u(x, t0)
         if method == "euler":
             noise = jnp.sqrt(var_rate(t0) * dt) * z
@@ -233,12 +261,14 @@ def _sde_scan(u: Callable, var_rate: Callable, x0: Array, ts: Array, key: Array,
             noise = jnp.sqrt(0.5 * (var_rate(t0) + var_rate(t1)) * dt) * z
             x_pred = x - u0 * dt + noise
             x_new = x - 0.5 * (u0 + u(x_pred, t1)) * dt + noise
-        maxabs = jnp.maximum(maxabs, jnp.max(jnp.abs(x_new), axis=-1))
-        return (x_new, maxabs), (x_new if keep_path else None)
+        x_new = jnp.where(alive[:, None], x_new, x)
+        alive = alive & jnp.all(jnp.isfinite(x_new) & (jnp.abs(x_new) <= bound), axis=-1)
+        return (x_new, alive), (x_new if keep_path else None)
 
     ks = jnp.arange(ts.shape[0] - 1)
-    (x, maxabs), path = jax.lax.scan(step, (x0, jnp.max(jnp.abs(x0), axis=-1)), (ks, ts[:-1], ts[1:]))
-    return x, maxabs, path
+    alive0 = jnp.all(jnp.isfinite(x0) & (jnp.abs(x0) <= bound), axis=-1)
+    (x, alive), path = jax.lax.scan(step, (x0, alive0), (ks, ts[:-1], ts[1:]))
+    return x, alive, path
 
 
 def sample(
@@ -259,6 +289,7 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     grid: str = "uniform",
     sde_options: SDEOptions = SDEOptions(),
+    mesh: distributed.MeshLike = None,
 ) -> SampleResult:
     """Draw n samples of the h-backward process at t_min (docs/theory.md section 2).
 
@@ -273,13 +304,26 @@ def sample(
             "sde" (diffrax SDE solvers, adaptive by default, see :class:`SDEOptions`).
         d: data dimension (else taken from ``score.dim`` or ``x_T``).
         x_T: optional (n, d) starting points at T (default: draws from the prior).
-        bound: a trajectory with any |x_i| > bound at any step counts as failed.
+        bound: a trajectory with a non-finite entry or any |x_i| > bound at any step is ended
+            there and counted as failed (``valid``, ``n_failed``, a warning). Default (None):
+            100 (prior_std + 1) (:func:`hbar.schedules.default_bound`, for standardised data);
+            ``math.inf`` keeps only the non-finite check; <= 0 is an error (docs/theory.md 14.1).
         return_path: keep the whole (steps + 1, n, d) trajectory (euler/heun).
         batch_size: sample in chunks of this many points (memory), with ``progress(done, n)``.
+            The samples do not depend on it: point i's noise comes from fold_in(key, i) and its
+            adaptive steps ("adaptive", "sde") are its own (docs/theory.md section 14.2).
         grid: time grid of the fixed-step methods, "uniform" (the paper's) | "log-snr" | "edm"
             (:mod:`hbar.grids`; "log-snr" resolves t_min, docs/theory.md section 2.6).
+        mesh: devices to run on, data-parallel (docs/theory.md section 15): None = every device
+            JAX sees when there are several, else the plain single-device path; an int (1: plain
+            path), a device list or a one-axis ``jax.sharding.Mesh``. Each chunk's points are split
+            over the devices, the score is replicated, the samples are gathered to every process;
+            they do not depend on the layout (a point's noise and steps are its own).
     """
     h_fn = h if callable(h) else None
+    if h_fn is None and np.ndim(h) != 0:
+        raise HbarInputError(f"h must be a number >= 0 or a callable h(t), got {h!r} (for several h call "
+                             f"sample once per h; for a time-dependent h use h_window or HSteps)")
     h_val = float("nan") if h_fn is not None else float(check_h(h)[0])
     n = check_positive_int(n, "n")
     if method not in METHODS:
@@ -299,12 +343,11 @@ def sample(
     d = score_dimension(score, d)
     if x_T is not None and x_T.shape[1] != d:
         raise HbarInputError(f"x_T has dimension {x_T.shape[1]}, but d = {d}")
-    if bound is not None and not bound > 0:
-        raise HbarInputError(f"bound must be > 0, got {bound}")
+    check_score_shape(score, d, "the samples")
+    bnd = resolve_bound(bound, schedule)
     k_prior, k_noise = jax.random.split(key)
     if x_T is None:
         x_T = schedule.prior_sample(k_prior, n, d, dtype=dtype)
-    bnd = jnp.inf if bound is None else bound
     batch = n if batch_size is None else check_positive_int(batch_size, "batch_size")
 
     ts = time_grid(schedule, steps, dtype=dtype, grid=grid)
@@ -315,49 +358,49 @@ def sample(
     else:
         h_arr = jnp.asarray(h_val, dtype=dtype)
     bnd_arr = jnp.asarray(bnd, dtype=dtype)
+    mesh = distributed.resolve_mesh(mesh)
+    if mesh is not None:
+        score, h_arr, bnd_arr, ts = distributed.replicate((score, h_arr, bnd_arr, ts), mesh)
 
-    if method == "adaptive":
-        def run(x0):
-            return _adaptive_run(score, x0, schedule=schedule, options=ode_options)
-    elif method == "sde":
-        def run(x0, kk):
-            return _diffrax_run(score, x0, kk, h_arr, bnd_arr, schedule=schedule, options=sde_options,
-                                steps=steps)
-    else:
-        def run(x0, kk):
-            return _sde_run(score, x0, kk, h_arr, bnd_arr, ts, schedule=schedule, method=method,
-                            keep_path=return_path)
-
-    outs, maxes, paths, nfe = [], [], [], 0
-    for i, start in enumerate(range(0, n, batch)):
+    outs, oks, paths, nfe = [], [], [], 0
+    for start in range(0, n, batch):
         x0 = x_T[start:start + batch]
+        keys = point_keys(k_noise, start, start + x0.shape[0])
+        if mesh is not None:  # the chunk's rows split over the devices, padded (docs/theory.md section 15)
+            m, x0_plain = x0.shape[0], x0
+            rows = distributed.padded_size(m, mesh)
+            x0, keys = (distributed.shard_rows(distributed.pad_rows(a, rows), mesh) for a in (x0, keys))
         if method == "adaptive":
-            x, ok, evals = run(x0)
-            maxabs = jnp.where(ok, jnp.max(jnp.abs(x), axis=-1), jnp.inf)
+            x, ok, evals = _adaptive_run(score, x0, bnd_arr, schedule=schedule, options=ode_options)
             nfe = max(nfe, int(jnp.max(evals)))
             path = None
         elif method == "sde":
-            x, maxabs, n_steps = run(x0, jax.random.fold_in(k_noise, i))
-            nfe = max(nfe, int(n_steps) * SDE_SOLVERS[sde_options.solver])
+            x, ok, n_steps = _diffrax_run(score, x0, keys, h_arr, bnd_arr, schedule=schedule, options=sde_options,
+                                          steps=steps)
+            nfe = max(nfe, int(jnp.max(n_steps)) * SDE_SOLVERS[sde_options.solver])
             path = None
         else:
-            x, maxabs, path = run(x0, jax.random.fold_in(k_noise, i))
+            x, ok, path = _sde_run(score, x0, keys, h_arr, bnd_arr, ts, schedule=schedule, method=method,
+                                   keep_path=return_path)
             nfe = steps * (1 if method == "euler" else 2)
+        if mesh is not None:
+            x, ok, path = distributed.gather((x, ok, path))
+            x, ok, path, x0 = x[:m], ok[:m], None if path is None else path[:, :m], x0_plain
         outs.append(np.asarray(x))
-        maxes.append(np.asarray(maxabs))
+        oks.append(np.asarray(ok))
         if return_path and path is not None:
             paths.append(np.concatenate([np.asarray(x0)[None], np.asarray(path)], axis=0))
         if progress is not None:
             progress(min(start + batch, n), n)
 
     samples = np.concatenate(outs)
-    maxabs = np.concatenate(maxes)
-    valid = np.asarray(all_finite_rows(jnp.asarray(samples))) & np.isfinite(maxabs) & (maxabs <= bnd)
+    valid = (np.concatenate(oks) & np.asarray(all_finite_rows(jnp.asarray(samples)))
+             & np.all(np.abs(samples) <= bnd, axis=1))
     n_failed = int((~valid).sum())
     if n_failed:
-        warnings.warn(f"hbar.sample: {n_failed} of {n} trajectories blew up or left the bound "
-                      f"(h={h_val if h_fn is None else 'h(t)'}, method={method}); they are flagged in result.valid",
-                      stacklevel=2)
+        warnings.warn(f"hbar.sample: {n_failed} of {n} trajectories blew up or left the bound (non-finite, "
+                      f"|x| > bound = {bnd:.4g} or solver failure; h={h_val if h_fn is None else 'h(t)'}, "
+                      f"method={method}); they were ended there and are flagged in result.valid", stacklevel=2)
     return SampleResult(
         samples=samples, valid=valid, n_failed=n_failed, nfe=nfe, h=h_val if h_fn is None else h_fn, method=method,
         steps=steps, path=np.concatenate(paths, axis=1) if paths else None,
@@ -366,30 +409,41 @@ def sample(
 
 
 @eqx.filter_jit
-def _sde_run(score, x0, key, h, bound, ts, *, schedule, method, keep_path):
+def _sde_run(score, x0, row_keys, h, bound, ts, *, schedule, method, keep_path):
     """Jitted fixed-grid run; compiled once per (score structure, schedule, shapes, method):
     h and the bound are traced, so scanning over h does not recompile. ``h`` is a scalar
-    array or a callable h(t) (evaluated per step, traced)."""
+    array or a callable h(t) (evaluated per step, traced); ``row_keys`` (n,) the points' keys."""
     proc = HProcess(schedule, score)
-    if callable(h):
-        return _sde_scan(lambda x, t: proc.drift(x, t, h(t)), lambda t: proc.diffusion2(t, h(t)), x0, ts, key,
-                         method, bound, keep_path)
-    return _sde_scan(lambda x, t: proc.drift(x, t, h), lambda t: proc.diffusion2(t, h), x0, ts, key, method,
-                     bound, keep_path)
+    hfun = h if callable(h) else (lambda t: h)
+    return _sde_scan(lambda x, t: proc.drift(x, t, hfun(t)), lambda t: proc.diffusion2(t, hfun(t)), x0, ts, None,
+                     method, bound, keep_path, row_keys=row_keys)
 
 
 @eqx.filter_jit
-def _diffrax_run(score, x0, key, h, bound, *, schedule, options, steps):
-    """The h-process with a diffrax SDE solver over the whole batch (state flattened to
-    (n d,)), in reversed time tau = -t from -T to -t_min so the solver steps forward:
+def _diffrax_run(score, x0, row_keys, h, bound, *, schedule, options, steps):
+    """The h-process with a diffrax SDE solver, one solve per point (vmapped over rows: each
+    point has its own Brownian tree from its key in ``row_keys`` and its own step-size
+    control), in reversed time tau = -t from -T to -t_min so the solver steps forward:
     dx = -u_h(x, -tau) dtau + sqrt(h g^2)(-tau) dW_tau. Drift and diffusion come from
-    :class:`HProcess`. Returns (x, max |x| per row (inf on failure), accepted steps)."""
+    :class:`HProcess`. A point's solve ends at once (failed) when its state turns non-finite or
+    leaves [-bound, bound]^d, or its step size collapses (docs/theory.md section 14.1).
+    Returns (x (n, d), ok (n,), accepted steps (n,))."""
+
+    def one(x, key):
+        return _diffrax_one(score, x, key, h, bound, schedule=schedule, options=options, steps=steps)
+
+    return jax.vmap(one)(x0, row_keys)
+
+
+def _diffrax_one(score, x0, key, h, bound, *, schedule, options, steps):
+    """One point (d,) of :func:`_diffrax_run`."""
     import diffrax
     import lineax
 
     proc = HProcess(schedule, score)
     hfun = h if callable(h) else (lambda t: h)
-    n, d = x0.shape
+    (d,) = x0.shape
+    n = 1
     t0, t1 = -schedule.T, -schedule.t_min
 
     def drift(tau, y, args):
@@ -408,24 +462,27 @@ def _diffrax_run(score, x0, key, h, bound, *, schedule, options, steps):
     terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
     solver = {"shark": diffrax.ShARK, "sra1": diffrax.SRA1, "heun": diffrax.Heun, "euler": diffrax.Euler}[options.solver]()
     if options.adaptive and options.solver != "euler":
-        ctrl = diffrax.PIDController(rtol=options.rtol, atol=options.atol)
+        ctrl = diffrax.PIDController(rtol=options.rtol, atol=options.atol, dtmin=ODEOptions.min_step * span,
+                                     force_dtmin=False)
     else:
         ctrl = diffrax.ConstantStepSize()
+    event = diffrax.Event(lambda t, y, args, **kw: jnp.any(~jnp.isfinite(y) | (jnp.abs(y) > bound)))
     sol = diffrax.diffeqsolve(terms, solver, t0, t1, span / steps, x0.reshape(-1), stepsize_controller=ctrl,
-                              max_steps=options.max_steps, throw=False)
-    x = sol.ys[-1].reshape(n, d)
+                              max_steps=options.max_steps, throw=False, event=event)
+    x = sol.ys[-1].reshape(d)
     ok = sol.result == diffrax.RESULTS.successful
-    maxabs = jnp.where(ok, jnp.max(jnp.abs(x), axis=-1), jnp.inf)
-    return x, maxabs, sol.stats["num_accepted_steps"]
+    return x, ok, sol.stats["num_accepted_steps"]
 
 
 @eqx.filter_jit
-def _adaptive_run(score, x0, *, schedule, options):
-    """Per-point adaptive probability-flow solve from T to t_min (vmapped over rows)."""
+def _adaptive_run(score, x0, bound, *, schedule, options):
+    """Per-point adaptive probability-flow solve from T to t_min (vmapped over rows), ended
+    (failed) when a point turns non-finite or leaves [-bound, bound]^d."""
     proc = HProcess(schedule, cast_floats(score, x0.dtype))
 
     def one(x):
-        sol = solve_ode(lambda t, y: proc.velocity(y[None], t)[0], x, schedule.T, schedule.t_min, options)
+        sol = solve_ode(lambda t, y: proc.velocity(y[None], t)[0], x, schedule.T, schedule.t_min, options,
+                        bound=bound)
         return sol["y1"], sol["ok"], sol["evals"]
 
     return jax.vmap(one)(x0)

@@ -46,6 +46,9 @@ __all__ = [
     "EDMSchedule",
     "schedule_from_config",
     "SCHEDULES",
+    "default_bound",
+    "resolve_bound",
+    "BOUND_FACTOR",
 ]
 
 
@@ -539,3 +542,31 @@ def schedule_from_config(cfg: dict[str, Any] | str) -> Schedule:
         return cls(**{k: cast(k, v) for k, v in params.items()})
     except (TypeError, ValueError) as err:
         raise HbarInputError(f"bad parameters for schedule {name!r}: {err}") from err
+
+
+#: multiple of (prior scale + data scale) beyond which a trajectory counts as blown up
+BOUND_FACTOR = 100.0
+
+
+def default_bound(schedule: Schedule, data_scale: float = 1.0) -> float:
+    """The default divergence bound of every sampler and solve (docs/theory.md section 14.1):
+
+        bound = BOUND_FACTOR (prior_std + data_scale) = 100 (prior_std + data_scale),
+
+    with ``data_scale`` the largest |x_i| of the data (:func:`hbar.nll`) or 1 (the sampler:
+    hbar's data sets are standardised; pass ``bound`` for data of another scale). Every
+    marginal x_t = alpha x_0 + sigma z with alpha <= 1 (VP, VE, EDM) stays far inside it, so a
+    trajectory that leaves [-bound, bound]^d has diverged."""
+    scale = float(schedule.prior_std) + float(data_scale)
+    return BOUND_FACTOR * scale
+
+
+def resolve_bound(bound: float | None, schedule: Schedule, data_scale: float = 1.0) -> float:
+    """``bound`` checked (a number > 0; ``math.inf`` switches the bound off, leaving only the
+    non-finite check), or :func:`default_bound` when it is None."""
+    if bound is None:
+        return default_bound(schedule, data_scale)
+    if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.integer, np.floating)) \
+            or math.isnan(bound) or not bound > 0:
+        raise HbarInputError(f"bound must be a number > 0 (or math.inf for no bound), got {bound!r}")
+    return float(bound)

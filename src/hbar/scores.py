@@ -30,6 +30,7 @@ from hbar.validation import HbarInputError
 __all__ = [
     "ScoreFn",
     "declared_dim",
+    "check_score_shape",
     "GaussianMixtureScore",
     "gaussian_score",
     "PerturbedScore",
@@ -49,6 +50,29 @@ def declared_dim(score: Callable) -> int | None:
     if dim is None:
         dim = getattr(score, "d", None)
     return None if dim is None else int(dim)
+
+
+def check_score_shape(score: Callable, d: int, what: str = "x") -> None:
+    """Clear error (:class:`HbarInputError`) unless ``score`` maps (n, d) points to (n, d).
+
+    Checks the declared dimension (:func:`declared_dim`) against ``d`` (the width of ``what``)
+    and traces the score once abstractly on a (2, d) input (:func:`jax.eval_shape`, nothing is
+    computed): a score written for another dimension fails here with both shapes named
+    instead of deep inside a jitted solve."""
+    dim = declared_dim(score)
+    if dim is not None and dim != d:
+        raise HbarInputError(f"{what} has dimension {d} (shape (n, {d})), but the score is for d = {dim}"
+                             + (" (a 1-D array is read as n points in 1-D: pass shape (n, d))" if d == 1 else ""))
+    dtype = jnp.result_type(float)
+    try:
+        out = jax.eval_shape(score, jax.ShapeDtypeStruct((2, d), dtype), jax.ShapeDtypeStruct((), dtype))
+    except Exception as err:  # the score cannot take (n, d) input: name the shapes
+        raise HbarInputError(f"the score fails on input of shape (n, {d}) from {what}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    shape = getattr(out, "shape", None)
+    if shape != (2, d):
+        raise HbarInputError(f"the score must map shape (n, d) = (2, {d}) to (2, {d}), got "
+                             f"{shape if shape is not None else type(out).__name__}")
 
 
 class GaussianMixtureScore(eqx.Module):

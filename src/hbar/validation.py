@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HbarInputError", "check_points", "check_h", "check_positive_int", "check_number"]
+__all__ = ["HbarInputError", "check_points", "check_h", "check_positive_int", "check_number", "check_seed"]
 
 
 class HbarInputError(ValueError):
@@ -78,6 +78,15 @@ def check_number(value: Any, name: str, *, positive: bool = False, nonnegative: 
     if nonnegative and not f >= 0:
         raise HbarInputError(f"{name} must be a finite number >= 0, got {value!r}")
     return f
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A PRNG seed: an integer in [0, 2**32) (what jax.random.PRNGKey, NumPy and scikit-learn
+    all accept); a clear error otherwise instead of a raw library exception or a silent wrap-around."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not 0 <= int(value) < 2**32:
+        raise HbarInputError(f"{name} must be an integer in [0, 2**32 - 1], got {value!r}")
+    return int(value)
 
 
 def is_finite_number(v: float) -> bool:

@@ -195,7 +195,8 @@ def returned_part(state):
     return (X, [Pj[0] for Pj in P])
 
 
-def backward_characteristic(proc: HProcess, x_T: Array, order: int, options: ODEOptions) -> dict[str, Array]:
+def backward_characteristic(proc: HProcess, x_T: Array, order: int, options: ODEOptions,
+                            bound: Array | float | None = None) -> dict[str, Array]:
     """Backward solve from T to t_min of the characteristic and the Taylor data of
     psi0 (and psi1, psi2), starting from the forward solve's end points ``x_T`` (n, d).
 
@@ -203,7 +204,8 @@ def backward_characteristic(proc: HProcess, x_T: Array, order: int, options: ODE
     error), ell0 (n,) from the backward solve (a consistency check of the forward one),
     ell1 (n,), ell2 (n,) when order == 2, ok, evals, steps, rejected). The step size is
     controlled on X and the psi_j only (:func:`returned_part`) unless
-    ``options.error_on == "all"``.
+    ``options.error_on == "all"``. The solve fails at once when the state turns non-finite
+    or |X| exceeds ``bound`` (docs/theory.md section 14.1).
     """
     schedule = proc.schedule
     n, d = x_T.shape
@@ -222,7 +224,7 @@ def backward_characteristic(proc: HProcess, x_T: Array, order: int, options: ODE
         return _rhs(proc, t, X, P_)
 
     sol = solve_ode(field, (x_T, P), schedule.T, schedule.t_min, options, controlled=returned_part,
-                    stage_loop="scan")
+                    stage_loop="scan", bound=bound, bounded=lambda st: st[0])
     X, Pm = sol["y1"]
     out = dict(x=X, ell0=Pm[0][0], ell1=Pm[1][0], ok=sol["ok"], evals=sol["evals"],
                steps=sol["num_steps"], rejected=sol["num_rejected"])
@@ -232,7 +234,7 @@ def backward_characteristic(proc: HProcess, x_T: Array, order: int, options: ODE
 
 
 def finite_difference_ell1(proc: HProcess, x: Array, options: ODEOptions, inner_options: ODEOptions,
-                           step: float = 0.01) -> dict[str, Array]:
+                           step: float = 0.01, bound: Array | float | None = None) -> dict[str, Array]:
     """The paper's first-order algorithm ("1st-logqSolver"), written from docs/theory.md section 5.
 
     Along the forward characteristic from t_min to T it carries a perturbation dx,
@@ -254,7 +256,7 @@ def finite_difference_ell1(proc: HProcess, x: Array, options: ODEOptions, inner_
         X, dx, _ = state
         D1 = 0.5 * proc.diffusion2(t, 1.0)
         pts = (X[None, :, :] + shifts[:, None, :]).reshape(-1, d)
-        inner = pf_log_likelihood(proc, pts, t, inner_options)
+        inner = pf_log_likelihood(proc, pts, t, inner_options, bound=bound)
         ell = jnp.where(inner["ok"], inner["ell0"], jnp.nan).reshape(2 * d + 1, n)
         G = (ell[1:d + 1] - ell[d + 1:]).T / (2 * step)  # (n, d)
         lapH = jnp.sum(ell[1:d + 1] + ell[d + 1:] - 2 * ell[0][None], axis=0) / step**2
@@ -269,7 +271,7 @@ def finite_difference_ell1(proc: HProcess, x: Array, options: ODEOptions, inner_
         return (v, ddx, dacc)
 
     y0 = (x, jnp.zeros_like(x), jnp.zeros(n, x.dtype))
-    sol = solve_ode(field, y0, schedule.t_min, schedule.T, options)
+    sol = solve_ode(field, y0, schedule.t_min, schedule.T, options, bound=bound, bounded=lambda y: y[0])
     X_T, dx_T, acc = sol["y1"]
     ell1 = jnp.sum(dx_T * proc.prior_score(X_T), -1) + acc
     return dict(ell1=ell1, ok=sol["ok"], evals=sol["evals"])

@@ -136,3 +136,32 @@ def test_path_nll_summary():
         ref = -np.mean(multivariate_normal(m, C).logpdf(x))
         assert abs(res.nll[i] - ref) < 5 * res.mc_se[i] + 1e-3
     assert len(res.rows()) == 2
+
+
+def test_path_nll_counts_failed_points():
+    """A score that is NaN near some data points fails exactly those points: they are counted in
+    n_failed, flagged in results[i].valid and left out of the NLL and s.e. (audit: NaN on 6 of 16
+    points made the whole NLL NaN without a count)."""
+    d = 2
+    m0, S0, rng = _gauss_case(d, 8)
+    sc = AffineScore(m0, S0, OU, scale_eps=0.1)
+    x = rng.multivariate_normal(m0, S0, size=8)
+    far = np.abs(x[:, 0] - m0[0]) > 0.5 * np.sqrt(S0[0, 0])
+    assert 0 < far.sum() < 8
+    # NaN in a small ball around each "far" point at the smallest times only: only their paths see it
+    centres = jnp.asarray(x[far])
+
+    def bad(z, t):
+        near = jnp.min(jnp.sum((z[:, None, :] - centres[None]) ** 2, -1), 1) < 1e-4
+        return jnp.where((near & (t < 0.05))[:, None], jnp.nan, sc(z, t))
+
+    clean = path_nll(sc, OU, x, [0.5], jax.random.PRNGKey(2), n_paths=64, steps=20)
+    with pytest.warns(UserWarning, match="left out"):
+        res = path_nll(bad, OU, x, [0.5], jax.random.PRNGKey(2), n_paths=64, steps=20)
+    assert list(res.n_failed) == [int(far.sum())]
+    np.testing.assert_array_equal(res.results[0].valid, ~far)
+    ok = ~far
+    np.testing.assert_allclose(res.results[0].nll[ok], clean.results[0].nll[ok], rtol=1e-12)
+    np.testing.assert_allclose(res.nll[0], np.mean(clean.results[0].nll[ok]), rtol=1e-12)
+    assert np.isfinite(res.se[0]) and res.rows()[0]["n_failed"] == int(far.sum())
+    assert clean.n_failed.tolist() == [0]

@@ -99,3 +99,26 @@ def test_controller_matches_fokker_planck_mixture_1d():
     assert r.converged.all(), r.report()
     comb = np.hypot(r.total_error, fp.error)
     assert np.all(np.abs(r.nll - fp.nll) <= 2 * comb), ((r.nll - fp.nll) / comb, r.report())
+
+
+def test_controller_leaves_failed_points_out():
+    """A score that is NaN near one data point: that point is dropped from the h (counted in
+    n_failed, NaN in nll_points, flagged, warned about); the estimate of the others is finite
+    (audit: one bad point made every number NaN)."""
+    import jax.numpy as jnp
+
+    sch, score, _, _, x = _case(4)
+    c = jnp.asarray(x[1])
+
+    def bad(z, t):
+        near = jnp.sum((z - c) ** 2, -1) < 1e-4
+        return jnp.where((near & (t < 0.05))[:, None], jnp.nan, score(z, t))
+
+    with pytest.warns(UserWarning, match="1 of 4 points failed"):
+        r = converged_path_nll(bad, sch, x, [0.5], jax.random.PRNGKey(0), tol=0.05, steps0=20, max_steps=80,
+                               n_paths=64, max_paths=64)
+    assert r.n_failed.tolist() == [1]
+    assert np.isnan(r.nll_points[0, 1]) and np.all(np.isfinite(r.nll_points[0, [0, 2, 3]]))
+    assert np.isfinite(r.nll[0]) and np.isfinite(r.mc_se[0])
+    np.testing.assert_allclose(r.nll[0], np.mean(r.nll_points[0, [0, 2, 3]]), rtol=1e-12)
+    assert any("failed" in f for f in r.flags)

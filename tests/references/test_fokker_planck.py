@@ -160,3 +160,13 @@ def test_fp_1d_small_h_against_exact_density():
     fp = fokker_planck_nll(score, sch, x, [0.01, 0.05], tol=1e-4, max_levels=6)
     assert fp.converged.all(), fp.report()
     np.testing.assert_allclose(fp.nll, exact, atol=1e-4)
+
+
+def test_fp_nan_score_is_a_clear_error():
+    """A score that is NaN somewhere in the box: a clear error naming the non-finite drift
+    velocity, not scipy's 'Factor is exactly singular' from the linear solve."""
+    sch = OUSchedule(beta=1.0, t_min=1e-3, T=5.0)
+    s1 = AffineScore([0.0], [[0.5]], sch)
+    bad = lambda x, t: jnp.where((x > 2.0) & (t < 1.0), jnp.nan, s1(x, t))
+    with pytest.raises(HbarInputError, match="non-finite.*velocity|velocity.*non-finite"):
+        fokker_planck_nll(bad, sch, np.array([[0.1], [-0.3]]), 1.0)

@@ -317,3 +317,40 @@ def test_demo_tiny(tmp_path):
     np.testing.assert_allclose(ser["c2"][0], c2a["c2"][k].mean(), rtol=1e-12)
     np.testing.assert_allclose(ser["radius_median"], np.median(np.abs(c2a["c1"][k] / c2a["c2"][k])), rtol=1e-12)
     assert os.path.isfile(tmp_path / "nll_h.csv")
+
+
+# --- issue 15: locked results folder, damaged cache, bad seed / folder --------------------------
+
+def test_damaged_stage_cache_is_a_clear_error(tiny_run, tmp_path):
+    """A truncated stage JSON or npz (hbar's own writes are atomic, so something else damaged it)
+    is an HbarInputError naming the file and saying to delete it; deleting it recomputes that stage."""
+    import shutil
+
+    out, res, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    pj = copy / "stages" / f"w2wide__{MODEL}.json"
+    good = pj.read_text()
+    pj.write_text(good[: len(good) // 2])
+    with pytest.raises(HbarInputError, match=f"{re.escape(str(pj))} is damaged.*delete it"):
+        run_reproduce(copy, seed=SEED, config=ReproduceConfig.tiny())
+    pj.write_text(good)
+    pz = copy / "stages" / f"nll__{MODEL}.npz"
+    pz.write_bytes(pz.read_bytes()[:100])
+    with pytest.raises(HbarInputError, match=f"{re.escape(str(pz))} is damaged.*delete it"):
+        load_stage(copy, f"nll/{MODEL}")
+
+
+def test_results_folder_is_locked_and_checked(tmp_path):
+    from hbar.locking import run_lock
+
+    with run_lock(tmp_path / "out", "another hbar reproduce"):
+        with pytest.raises(HbarInputError, match="in use by pid .*another hbar reproduce"):
+            run_reproduce(tmp_path / "out", seed=SEED, config=ReproduceConfig.tiny())
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(HbarInputError, match="existing file"):
+        run_demo(tmp_path / "afile", config=ReproduceConfig.demo_tiny())
+    for bad in (2**32, -1):
+        with pytest.raises(HbarInputError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+            run_reproduce(tmp_path / "s", seed=bad, config=ReproduceConfig.tiny())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # refused runs leave no folder behind

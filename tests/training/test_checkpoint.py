@@ -101,6 +101,7 @@ def test_broken_checkpoints(tmp_path):
     nl = blob.index(b"\n")
     header = json.loads(blob[:nl])
     header["network"]["width"] = 8
+    header["config"]["network"]["width"] = 8  # the config record too (else the record check refuses first)
     path.write_bytes(json.dumps(header).encode() + blob[nl:])
     cj = json.loads((tmp_path / "r" / CONFIG_FILE).read_text())
     cj["network"]["width"] = 8
@@ -162,3 +163,134 @@ def test_config_file_paths_relative_to_the_file_and_n_train_all(tmp_path):
     assert TrainConfig(dataset="swiss_roll").n_train == 3000
     with pytest.raises(HbarInputError, match="needs a data file"):
         TrainConfig(dataset="swiss_roll", n_train="all")
+
+
+# ---- issue 15: run-directory lock, config record, clear errors ------------------------------
+
+_HOLD_LOCK = """
+import sys
+from hbar.locking import run_lock
+with run_lock(sys.argv[1], "hbar train (other process)"):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_second_trainer_into_a_locked_run_dir_is_refused(tmp_path):
+    """Two trainings into one run directory: while another process holds the run directory,
+    train() is refused before writing anything, naming the holder; afterwards it runs."""
+    import subprocess
+    import sys
+
+    from hbar.locking import LOCK_FILE
+
+    d = tmp_path / "run"
+    src = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src"))
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(d)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(HbarInputError, match=f"in use by pid {proc.pid} .*hbar train \\(other process\\)"):
+            train(TrainConfig(**{**TINY, "epochs": 1}), d)
+        assert sorted(os.listdir(d)) == [LOCK_FILE]  # nothing written by the refused run
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        proc.stdout.close()
+    res = train(TrainConfig(**{**TINY, "epochs": 1}), d)
+    assert res.epochs_done == 1 and not (d / LOCK_FILE).exists()
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(HbarInputError, match="existing file"):
+        train(TrainConfig(**{**TINY, "epochs": 1}), f)
+    with pytest.raises(HbarInputError, match="is a file, not a training run directory"):
+        load_checkpoint(f)
+
+
+def test_checkpoint_records_the_config_and_refuses_an_edited_one(tmp_path):
+    """issue 15: editing config.json from simple to cosine silently changed NLL0. The checkpoint
+    records the config; loading with a different one names each differing field, unless overridden."""
+    import warnings
+
+    from hbar.schedules import schedule_from_config
+    from hbar.training.checkpoint import config_hash
+
+    cfg = TrainConfig(**{**TINY, "epochs": 2})
+    train(cfg, tmp_path / "r")
+    info = checkpoint_info(tmp_path / "r")
+    stored = load_config(tmp_path / "r")
+    assert info["schedule"] == stored.schedule and stored.schedule["name"] == "simple"
+    assert info["data"]["dataset"] == "swiss_roll" and info["data"]["n_train"] == TINY["n_train"]
+    assert info["config"] == stored.to_dict() and info["config_hash"] == config_hash(stored)
+    assert config_hash(stored.replace(epochs=99)) == config_hash(stored) != config_hash(stored.replace(lr=0.5))
+    cj = json.loads((tmp_path / "r" / CONFIG_FILE).read_text())
+    cj["schedule"] = {"name": "cosine"}
+    (tmp_path / "r" / CONFIG_FILE).write_text(json.dumps(cj))
+    with pytest.raises(HbarInputError, match=r"different config.*schedule: \{.*'simple'.*\} -> \{.*'cosine'"):
+        load_checkpoint(tmp_path / "r")
+    with pytest.raises(HbarInputError, match="cannot resume: .*schedule.*restore config.json"):
+        train(None, tmp_path / "r", resume=True)
+    with pytest.warns(UserWarning, match="loaded anyway"):
+        _, sched, _ = load_checkpoint(tmp_path / "r", allow_config_mismatch=True)
+    assert sched.to_config() == schedule_from_config({"name": "cosine"}).to_config()  # the user's explicit choice
+    # an old checkpoint (before the record existed) still loads, with a note
+    path = tmp_path / "r" / CHECKPOINT_FILE
+    blob = path.read_bytes()
+    nl = blob.index(b"\n")
+    header = json.loads(blob[:nl])
+    for k in ("config", "config_hash", "schedule", "data"):
+        del header[k]
+    path.write_bytes(json.dumps(header).encode() + blob[nl:])
+    with pytest.warns(UserWarning, match="before checkpoints recorded their config"):
+        load_checkpoint(tmp_path / "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a matching record loads silently
+        cj["schedule"] = {"name": "simple"}
+        (tmp_path / "r" / CONFIG_FILE).write_text(json.dumps(cj))
+        train(cfg, tmp_path / "r2")
+        load_checkpoint(tmp_path / "r2")
+
+
+_TRAIN_THEN_HANG = """
+import json, sys, time
+from hbar.training import TrainConfig, train
+
+def hang_after_epoch_4(step, total, loss):
+    if step == 16:  # epoch 4 (4 steps per epoch) is checkpointed before progress is called
+        print("checkpointed", flush=True)
+        time.sleep(600)
+
+train(TrainConfig(**json.loads(sys.argv[2])), sys.argv[1], progress=hang_after_epoch_4)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_resume_takes_over_the_lock_bit_identically(tmp_path):
+    """kill -9 of a training process leaves its lock; the resume recognises it as stale, takes it
+    over and finishes bit-identically to an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    from hbar.locking import LOCK_FILE, StaleLockWarning
+
+    cfg = TrainConfig(**TINY)
+    src = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src"))
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_ENABLE_X64": "1"}  # as the tests (conftest): the same arithmetic in both processes
+    proc = subprocess.Popen([sys.executable, "-c", _TRAIN_THEN_HANG, str(tmp_path / "b"), json.dumps(TINY)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "checkpointed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert (tmp_path / "b" / LOCK_FILE).exists() and checkpoint_info(tmp_path / "b")["epoch"] == 4
+    with pytest.warns(StaleLockWarning, match=f"pid {proc.pid}"):
+        b = train(None, tmp_path / "b", resume=True)
+    train(cfg, tmp_path / "a")
+    assert b.epochs_done == 6 and not (tmp_path / "b" / LOCK_FILE).exists()
+    assert checkpoint_info(tmp_path / "a")["sha256"] == checkpoint_info(tmp_path / "b")["sha256"]
+    assert (tmp_path / "a" / LOSSES_FILE).read_text() == (tmp_path / "b" / LOSSES_FILE).read_text()

@@ -117,3 +117,56 @@ def test_old_config_json_loads(tmp_path):
     cfg = TrainConfig.load(p)
     assert cfg.n_train == 3000 and cfg.index_col is None and cfg.network["width"] == 128
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+# ---- image data sets and the U-Net (docs/theory.md section 13.5) ------------------------------
+
+def test_images_preset_equals_the_toml_configs():
+    import os
+
+    from hbar.training import TrainConfig
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    for name in ("mnist5k", "fashion_mnist"):
+        cfg = TrainConfig.load(os.path.join(root, f"{name}_unet.toml"))
+        assert cfg == TrainConfig.images(name)
+        assert cfg.network["name"] == "unet" and cfg.network["schedule"] == cfg.schedule  # filled in
+
+
+def test_unet_schedule_must_match_the_training_schedule():
+    import pytest
+
+    from hbar.training import TrainConfig
+    from hbar.validation import HbarInputError
+
+    with pytest.raises(HbarInputError, match="differs from the training schedule"):
+        TrainConfig.images("mnist5k", network={"name": "unet", "schedule": "simple"})
+    with pytest.raises(HbarInputError, match="image data set"):
+        TrainConfig.images("swiss_roll")
+    with pytest.raises(HbarInputError, match="dataset_kwargs"):
+        TrainConfig.images("mnist5k", dataset_kwargs={"a": 1})
+
+
+def test_image_training_data_are_bin_centres(monkeypatch):
+    """Training set: bin centres 2 (k + 1/2) / levels - 1 of the 'train' split; held-out: the
+    test images dequantised once (within half a bin of their centres); levels from the data set."""
+    import numpy as np
+
+    import hbar.images.datasets as ds
+    from hbar.images.datasets import ImageSet
+    from hbar.training import TrainConfig, make_training_data
+    from hbar.training.config import training_levels
+
+    rng = np.random.default_rng(0)
+    fake = {s: rng.integers(0, 256, (m, 28, 28), dtype=np.uint8) for s, m in (("train", 40), ("test", 10))}
+
+    def load(name, split="train", n=None, seed=0, data_dir=None):
+        im = fake[split] if n is None else fake[split][np.random.default_rng(seed).permutation(len(fake[split]))[:n]]
+        return ImageSet(images=im, labels=np.zeros(len(im), np.int64), levels=256, name=name, split=split)
+
+    monkeypatch.setattr(ds, "load_images", load)
+    cfg = TrainConfig.images("mnist5k", batch_size=8, n_test=5)
+    x, xt = make_training_data(cfg)
+    np.testing.assert_array_equal(x, 2 * (fake["train"].reshape(40, 784) + 0.5) / 256 - 1)
+    assert xt.shape == (5, 784) and np.all(np.abs((xt + 1) * 128 - np.floor((xt + 1) * 128) - 0.5) <= 0.5)
+    assert training_levels(cfg) == 256 and training_levels(TrainConfig(dataset="swiss_roll")) is None

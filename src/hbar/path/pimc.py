@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from hbar.grids import DEFAULT_GRID, check_grid, make_grid
 from hbar.path._checks import check_h_positive
 from hbar.process import HProcess
 from hbar.schedules import Schedule
+from hbar.scores import check_score_shape
 from hbar.stats import mean_se
 from hbar.validation import HbarInputError, check_points, check_positive_int
 
@@ -45,7 +47,9 @@ class PathLikelihoodResult:
     bias (n,): leading bias estimate -Var(w) / (2 M mean(w)^2) = -se^2/2 (<= 0; log_q - bias
     is the first-order bias-corrected value); ess (n,): (sum w)^2 / sum w^2, between 1 and M;
     n_paths: M; log_weights: (n, M) when requested, else None; grid: the time grid's name
-    ("times" for a user grid); antithetic: whether paths came in antithetic pairs.
+    ("times" for a user grid); antithetic: whether paths came in antithetic pairs;
+    valid (n,): the point's estimate is finite (a non-finite score or weight on any of its
+    paths fails the point: it is flagged, never averaged, docs/theory.md section 14.1).
     """
 
     log_q: np.ndarray
@@ -59,6 +63,15 @@ class PathLikelihoodResult:
     log_weights: np.ndarray | None = None
     grid: str = "uniform"
     antithetic: bool = False
+    valid: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.valid is None:
+            self.valid = np.isfinite(self.log_q)
+
+    @property
+    def n_failed(self) -> int:
+        return int((~self.valid).sum())
 
     @property
     def nll(self) -> np.ndarray:
@@ -258,6 +271,7 @@ def path_log_likelihood(score: Callable, schedule: Schedule, x: Any, h: float, k
     dim = getattr(score, "dim", None)
     xs = check_points(x, "x", d=None if dim is None else int(dim))
     n, d = xs.shape
+    check_score_shape(score, d, "x")
     M = check_positive_int(n_paths, "n_paths")
     if antithetic and M % 2:
         raise HbarInputError(f"antithetic=True needs an even n_paths, got {M}")
@@ -297,10 +311,19 @@ def path_log_likelihood(score: Callable, schedule: Schedule, x: Any, h: float, k
         done += real
         if progress is not None:
             progress(done, n)
-    log_q, se, bias, ess = weight_stats(lw, bool(antithetic), cvs if control_variate else None)
+    # a NaN/+inf log-weight (a non-finite score on the path) fails its point; -inf is weight 0
+    bad_rows = np.any(np.isnan(lw) | (lw == np.inf), axis=1) | (control_variate & ~np.all(np.isfinite(cvs), axis=1))
+    lw_ok = np.where(bad_rows[:, None], 0.0, lw)
+    log_q, se, bias, ess = weight_stats(lw_ok, bool(antithetic), np.where(bad_rows[:, None], 0.0, cvs)
+                                        if control_variate else None)
+    log_q, se, bias, ess = (np.where(bad_rows, np.nan, a) for a in (log_q, se, bias, ess))
+    valid = np.isfinite(log_q)
+    if not valid.all():
+        warnings.warn(f"hbar.path_log_likelihood: {int((~valid).sum())} of {n} points failed (non-finite score or "
+                      f"weights on their paths, h={hv}); they are flagged in result.valid", stacklevel=2)
     return PathLikelihoodResult(log_q=log_q, se=se, bias=bias, ess=ess, n_paths=M, h=hv, steps=int(ts_j.shape[0] - 1),
                                 proposal=proposal, log_weights=lw if keep_weights else None, grid=grid_name,
-                                antithetic=bool(antithetic))
+                                antithetic=bool(antithetic), valid=valid)
 
 
 @dataclasses.dataclass
@@ -312,7 +335,9 @@ class PathNLLResult:
     noise; the per-point se when n = 1); mc_se (m,): Monte Carlo part alone,
     sqrt(sum se_i^2) / n; bias (m,): mean leading NLL bias +se_i^2/2 (>= 0);
     ess_min / ess_median / ess_mean (m,): ESS over points as a fraction of n_paths;
-    results: the per-point :class:`PathLikelihoodResult` per h.
+    results: the per-point :class:`PathLikelihoodResult` per h; n_failed (m,): points whose
+    estimate failed (non-finite), excluded from every statistic above and warned about
+    (docs/theory.md section 14.1).
     """
 
     hs: np.ndarray
@@ -326,11 +351,13 @@ class PathNLLResult:
     n_paths: int
     steps: int
     results: list[PathLikelihoodResult]
+    n_failed: np.ndarray | None = None
 
     def rows(self) -> list[dict[str, float]]:
+        nf = self.n_failed if self.n_failed is not None else np.zeros(len(self.hs), dtype=int)
         return [dict(h=float(self.hs[i]), nll=float(self.nll[i]), se=float(self.se[i]),
                      mc_se=float(self.mc_se[i]), bias=float(self.bias[i]), ess_min=float(self.ess_min[i]),
-                     ess_median=float(self.ess_median[i]), ess_mean=float(self.ess_mean[i]))
+                     ess_median=float(self.ess_median[i]), ess_mean=float(self.ess_mean[i]), n_failed=int(nf[i]))
                 for i in range(len(self.hs))]
 
 
@@ -342,25 +369,40 @@ def path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | Sequence[f
     m values h > 0 in ``hs``, by :func:`path_log_likelihood` (same proposal, ``n_paths`` paths per
     point, ``steps`` Euler steps on ``grid``), with standard errors and an ESS summary
     (docs/theory.md section 3). One step count, no convergence check: see
-    :func:`converged_path_nll` for that. Returns a :class:`PathNLLResult` of (m,) arrays."""
+    :func:`converged_path_nll` for that. Points whose estimate failed (``results[i].valid``) are
+    left out of every statistic, counted in ``n_failed`` and warned about (all NaN for an h only
+    when every point failed). Returns a :class:`PathNLLResult` of (m,) arrays."""
     hv = check_h_positive(hs, "hs")
-    results, cols = [], []
+    results, cols, failed = [], [], []
     for i, h in enumerate(hv):
-        r = path_log_likelihood(score, schedule, x, float(h), jax.random.fold_in(key, i), n_paths=n_paths,
-                                steps=steps, proposal=proposal, chunk_rows=chunk_rows, progress=progress, grid=grid,
-                                antithetic=antithetic, control_variate=control_variate)
-        n = r.log_q.size
-        nll, se = mean_se(r.nll)
-        if n == 1:
-            se = float(r.se[0])
-        frac = r.ess / r.n_paths
-        cols.append((nll, se, float(np.sqrt(np.sum(r.se**2)) / n), float(np.mean(-r.bias)),
-                     float(frac.min()), float(np.median(frac)), float(frac.mean())))
+        with warnings.catch_warnings():  # reported once below, per h
+            warnings.simplefilter("ignore", UserWarning)
+            r = path_log_likelihood(score, schedule, x, float(h), jax.random.fold_in(key, i), n_paths=n_paths,
+                                    steps=steps, proposal=proposal, chunk_rows=chunk_rows, progress=progress,
+                                    grid=grid, antithetic=antithetic, control_variate=control_variate)
+        ok = r.valid
+        n = int(ok.sum())
+        failed.append(r.n_failed)
+        if n == 0:
+            cols.append((math.nan,) * 7)
+        else:
+            nll, se = mean_se(r.nll[ok])
+            if n == 1:
+                se = float(r.se[ok][0])
+            frac = r.ess[ok] / r.n_paths
+            cols.append((nll, se, float(np.sqrt(np.sum(r.se[ok] ** 2)) / n), float(np.mean(-r.bias[ok])),
+                         float(frac.min()), float(np.median(frac)), float(frac.mean())))
         results.append(r)
     c = np.array(cols)
+    n_failed = np.asarray(failed, dtype=int)
+    if n_failed.any():
+        per_h = ", ".join(f"h={float(h):g}: {int(k)}" for h, k in zip(hv, n_failed) if k)
+        warnings.warn(f"hbar.path_nll: points failed (non-finite score or weights) and were left out of the "
+                      f"statistics ({per_h} of {results[0].log_q.size}); see result.n_failed and "
+                      f"result.results[i].valid", stacklevel=2)
     return PathNLLResult(hs=hv, nll=c[:, 0], se=c[:, 1], mc_se=c[:, 2], bias=c[:, 3], ess_min=c[:, 4],
                          ess_median=c[:, 5], ess_mean=c[:, 6], n_paths=int(n_paths), steps=results[0].steps,
-                         results=results)
+                         results=results, n_failed=n_failed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +427,9 @@ class ConvergedPathNLL:
     ``observed_order``: log2 of the ratio of the last two level differences (NaN when not
     measurable above the Monte Carlo noise); ``steps`` / ``n_paths``: of the finest level;
     ``ess_min`` / ``ess_median``: ESS / n_paths over points at the finest level; ``ladder``: per h
-    the list of levels (steps, n_paths, nll, mc_se, diff, ess, seconds); ``seconds`` per h.
+    the list of levels (steps, n_paths, nll, mc_se, diff, ess, seconds); ``seconds`` per h;
+    ``n_failed`` (m,): points whose estimate failed (non-finite score or weights) at the first
+    level, left out of that h (NaN in ``nll_points``), docs/theory.md section 14.1.
     """
 
     hs: np.ndarray
@@ -407,6 +451,7 @@ class ConvergedPathNLL:
     tol: float
     grid: str
     flags: tuple[str, ...] = ()
+    n_failed: np.ndarray | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         keys = ("nll", "mc_se", "disc_error", "total_error", "points_se", "observed_order", "ess_min",
@@ -441,6 +486,13 @@ def _level_order(d_prev: float, d_new: float, s_prev: float, s_new: float) -> fl
     if abs(d_new) <= 2.0 * s_new:  # newer difference is noise: the order is at least this
         return math.log2(abs(d_prev) / max(abs(d_new), 2.0 * s_new))
     return math.log2(abs(d_prev) / abs(d_new))
+
+
+def _quiet_pll(*args, **kwargs) -> PathLikelihoodResult:
+    """:func:`path_log_likelihood` without its failure warning (the caller reports failures)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return path_log_likelihood(*args, **kwargs)
 
 
 def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | Sequence[float], key: Array, *,
@@ -492,9 +544,12 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
     n_levels_max = int(math.floor(math.log2(max_steps / steps0))) + 1
     cols: dict[str, list] = {k: [] for k in ("nll", "pts", "mc", "disc", "pse", "conv", "extra", "order", "steps",
                                              "paths", "ess_min", "ess_med", "sec")}
-    ladders, flags = [], []
+    ladders, flags, failed = [], [], []
     for ih, h in enumerate(hv):
         t0 = time.perf_counter()
+        keep = np.ones(n, dtype=bool)  # points left in for this h (failed ones are dropped at level 0)
+        xs_h = xs
+        late_failure = False
         M = M0 + (M0 % 2 if antithetic else 0)
         ladder: list[dict[str, float]] = []
         Q, S, P, SD, LW, D = [], [], [], [], [], []
@@ -507,18 +562,32 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
             common = dict(proposal=proposal, chunk_rows=chunk_rows, grid=grid, antithetic=antithetic,
                           control_variate=control_variate, keep_weights=True)
             for attempt in range(4):
-                r = path_log_likelihood(score, schedule, xs, float(h), jax.random.fold_in(key_l, attempt), n_paths=M,
-                                        steps=N, **common)
-                s_lev = float(np.sqrt(np.sum(r.se**2)) / n)
+                r = _quiet_pll(score, schedule, xs_h, float(h), jax.random.fold_in(key_l, attempt), n_paths=M,
+                               steps=N, **common)
+                while lev == 0 and not r.valid.all() and r.valid.any():
+                    # failed points (non-finite score or weights) leave this h; the rest run again
+                    keep[np.nonzero(keep)[0][~r.valid]] = False
+                    xs_h = xs[keep]
+                    r = _quiet_pll(score, schedule, xs_h, float(h), jax.random.fold_in(key_l, attempt), n_paths=M,
+                                   steps=N, **common)
+                if not r.valid.all():
+                    break
+                s_lev = float(np.sqrt(np.sum(r.se**2)) / xs_h.shape[0])
                 if lev > 0 or s_lev <= 0.5 * tol or M >= max_paths or not np.isfinite(s_lev):
                     break
                 # level 0 only: raise the path count so that the MC s.e. reaches tol / 2 (se ~ 1/sqrt(M))
                 M = int(min(max_paths, 2 ** math.ceil(math.log2(M * (s_lev / (0.5 * tol)) ** 2 * 1.1))))
+            if not r.valid.all():  # every point failed at level 0, or a point fails at a finer level: stop
+                late_failure = lev > 0
+                break
             if lev > 0:
                 # the previous step count again, on the same Brownian paths as this level (common random
                 # numbers): the difference of the two carries little Monte Carlo noise
-                rc = path_log_likelihood(score, schedule, xs, float(h), jax.random.fold_in(key_l, attempt), n_paths=M,
-                                         steps=N // 2, coupling_steps=N, **common)
+                rc = _quiet_pll(score, schedule, xs_h, float(h), jax.random.fold_in(key_l, attempt), n_paths=M,
+                                steps=N // 2, coupling_steps=N, **common)
+                if not rc.valid.all():
+                    late_failure = True
+                    break
                 LW.append(rc.log_weights)
                 Pc = rc.nll_corrected
             pts = r.nll_corrected
@@ -530,7 +599,7 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 wf = np.exp(r.log_weights - r.log_weights.max(axis=1, keepdims=True))
                 wc = np.exp(LW[-1] - LW[-1].max(axis=1, keepdims=True))
                 dd = wf / wf.mean(axis=1, keepdims=True) - wc / wc.mean(axis=1, keepdims=True)
-                s_diff = float(np.sqrt(np.sum(dd.var(axis=1, ddof=1) / M)) / n)
+                s_diff = float(np.sqrt(np.sum(dd.var(axis=1, ddof=1) / M)) / xs_h.shape[0])
             Q.append(q), S.append(s_lev), P.append(pts), SD.append(s_diff), D.append(diff)
             frac = r.ess / r.n_paths
             ladder.append(dict(steps=N, n_paths=M, nll=q, mc_se=s_lev, diff=diff, diff_se=s_diff,
@@ -565,8 +634,24 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 # more steps cannot bring the MC s.e. down (the path count is capped): stop here
                 mc_capped = True
                 break
-        if len(Q) < 2:  # pragma: no cover - guarded by max_steps >= 2 steps0
+        n_fail = int((~keep).sum()) if Q else n
+        failed.append(n_fail)
+        if not Q:  # every point failed at the first level
+            flags.append(f"h={h:g}: all {n} points failed (non-finite score or weights)")
+            ladder.append(dict(steps=steps0, n_paths=M, nll=math.nan, mc_se=math.nan, diff=math.nan,
+                               diff_se=math.nan, ess_min=math.nan, ess_median=math.nan,
+                               seconds=time.perf_counter() - t0))
+            Q, S, P = [math.nan], [math.nan], [np.full(n, np.nan)]
+            keep = np.ones(n, dtype=bool)
+        if len(Q) < 2:  # a single level: every point failed, or a failure at the second level
             est, pts_est, mc = Q[-1], P[-1], S[-1]
+        if n_fail and Q[0] == Q[0]:
+            flags.append(f"h={h:g}: {n_fail} of {n} points failed (non-finite score or weights) and were left out")
+        if late_failure:
+            flags.append(f"h={h:g}: a point failed at {N} steps (non-finite score or weights): refinement stopped")
+        full = np.full(n, np.nan)
+        full[keep] = pts_est
+        pts_est = full
         if not conv:
             why = (f"; the MC s.e. is above tol at max_paths={max_paths}, which more steps cannot change: raise "
                    "max_paths or use more points" if mc_capped else "")
@@ -578,6 +663,10 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                      ("paths", ladder[-1]["n_paths"]), ("ess_min", ladder[-1]["ess_min"]),
                      ("ess_med", ladder[-1]["ess_median"]), ("sec", time.perf_counter() - t0)):
             cols[k].append(v)
+    fail_flags = [f for f in flags if "failed" in f]
+    if fail_flags:
+        warnings.warn("hbar.converged_path_nll: " + "; ".join(fail_flags) + " (see result.n_failed and result.flags)",
+                      stacklevel=2)
     mc_a, disc_a = np.array(cols["mc"]), np.array(cols["disc"])
     return ConvergedPathNLL(hs=hv, nll=np.array(cols["nll"]), nll_points=np.array(cols["pts"]), mc_se=mc_a,
                             disc_error=disc_a, total_error=np.hypot(mc_a, disc_a), points_se=np.array(cols["pse"]),
@@ -585,4 +674,4 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                             observed_order=np.array(cols["order"]), steps=np.array(cols["steps"], int),
                             n_paths=np.array(cols["paths"], int), ess_min=np.array(cols["ess_min"]),
                             ess_median=np.array(cols["ess_med"]), seconds=np.array(cols["sec"]), ladder=ladders,
-                            tol=tol, grid=grid, flags=tuple(flags))
+                            tol=tol, grid=grid, flags=tuple(flags), n_failed=np.asarray(failed, dtype=int))

@@ -6,7 +6,9 @@ Layout::
     run_dir/checkpoint.eqx   one JSON header line, then equinox-serialised leaves of
                              {params, ema, opt_state, epoch, step, key, losses}
                              (header: format, version, epoch, step, d, network config,
-                             payload size and SHA-256, training-data hash)
+                             payload size and SHA-256, training-data hash, and the record
+                             of what was trained: the full config, its hash, the schedule
+                             and the data set; docs/theory.md section 14.5)
     run_dir/losses.csv       epoch,step,loss (mean DSM loss of each epoch)
     run_dir/model.safetensors  the EMA weights for other tools: safetensors (readable by
                              ``safetensors.numpy`` / ``safetensors.flax`` without hbar), tensor
@@ -15,6 +17,12 @@ Layout::
 
 Every file is written to a temporary file in the same directory, fsynced and moved into
 place with ``os.replace``, so an interruption never leaves a half-written checkpoint.
+
+Loading checks the record against ``config.json`` (or the config passed in): a schedule, data
+set or any other field edited after training (all but ``epochs`` and ``checkpoint_every``,
+which a resume may change) is an HbarInputError listing each differing field with both values,
+unless ``allow_config_mismatch=True`` (CLI ``--allow-config-mismatch``; then a warning).
+Checkpoints written before the record existed load with a warning saying they cannot be checked.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -37,9 +46,8 @@ from hbar.serialization import atomic_write
 from hbar.training.config import TrainConfig, is_int, optimizer
 from hbar.validation import HbarInputError, check_points
 
-__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOSSES_FILE", "WEIGHTS_FILE", "load_safetensors_weights", "load_config",
-           "load_checkpoint", "checkpoint_info",
-           "check_dimension"]
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "LOSSES_FILE", "WEIGHTS_FILE", "RESUME_MAY_CHANGE", "load_safetensors_weights",
+           "load_config", "load_checkpoint", "checkpoint_info", "check_dimension", "config_hash", "config_differences"]
 
 CHECKPOINT_FILE = "checkpoint.eqx"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,6 +55,33 @@ CONFIG_FILE = "config.json"
 LOSSES_FILE = "losses.csv"
 _FORMAT = "hbar-checkpoint"
 _VERSION = 1
+#: config fields a resume may change (more epochs, another checkpoint interval); left out of
+#: the config hash and of the record check
+RESUME_MAY_CHANGE = frozenset({"epochs", "checkpoint_every"})
+
+
+def config_hash(cfg: TrainConfig | dict[str, Any]) -> str:
+    """First 16 hex digits of the SHA-256 of the config's canonical JSON (sorted keys), without
+    the fields in :data:`RESUME_MAY_CHANGE`."""
+    d = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
+    d = {k: v for k, v in d.items() if k not in RESUME_MAY_CHANGE}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any],
+                       ignore: frozenset[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """'field: stored X, now Y' for every field (but ``ignore``) whose value differs."""
+    keys = sorted((set(stored) | set(current)) - set(ignore))
+    return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+def _data_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What the model was trained on: data set name and parameters, or the data file."""
+    if cfg.dataset is not None:
+        return {"dataset": cfg.dataset, "dataset_kwargs": cfg.dataset_kwargs, "n_train": cfg.n_train,
+                "data_seed": cfg.data_seed_resolved}
+    return {"data_path": cfg.data_path, "index_col": cfg.index_col, "n_train": cfg.n_train,
+            "data_seed": cfg.data_seed_resolved}
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -91,6 +126,10 @@ def save_checkpoint(run_dir: str, cfg: TrainConfig, tree: dict, extra: dict) -> 
         "seed": cfg.seed,
         "payload_bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
+        "schedule": cfg.schedule,
+        "data": _data_record(cfg),
+        "config": cfg.to_dict(),
+        "config_hash": config_hash(cfg),
         **extra,
     }
     blob = json.dumps(header, sort_keys=True).encode() + b"\n" + payload
@@ -162,8 +201,32 @@ def _templates(cfg: TrainConfig):
     return params, static, opt_state
 
 
-def load_tree(path: str, cfg: TrainConfig) -> tuple[dict, dict, Any]:
-    """Read and verify a checkpoint against ``cfg``. Returns (header, tree, static)."""
+def check_record(header: dict[str, Any], cfg: TrainConfig, path: str, allow_config_mismatch: bool = False,
+                 resuming: bool = False) -> None:
+    """Compare the config recorded in a checkpoint header with ``cfg`` (HbarInputError listing the
+    differing fields, a warning with ``allow_config_mismatch``; a warning for checkpoints without a
+    record). ``resuming``: no override exists (a resume continues the same run)."""
+    rec = header.get("config")
+    if not isinstance(rec, dict):
+        warnings.warn(f"{path} was written before checkpoints recorded their config: its schedule and data "
+                      "cannot be checked against the config", stacklevel=3)
+        return
+    diffs = config_differences(rec, cfg.to_dict())
+    if not diffs:
+        return
+    msg = f"{path} was trained with a different config than the one given (config.json edited?): {'; '.join(diffs)}"
+    if resuming:
+        raise HbarInputError(f"cannot resume: {msg}; restore config.json (a resume continues the same run)")
+    if not allow_config_mismatch:
+        raise HbarInputError(msg + "; restore the config, or pass allow_config_mismatch=True (CLI: "
+                                   "--allow-config-mismatch) to load it anyway")
+    warnings.warn(msg + " (loaded anyway: allow_config_mismatch)", stacklevel=3)
+
+
+def load_tree(path: str, cfg: TrainConfig, allow_config_mismatch: bool = False,
+              resuming: bool = False) -> tuple[dict, dict, Any]:
+    """Read and verify a checkpoint against ``cfg`` (architecture, then the config record, see
+    :func:`check_record`). Returns (header, tree, static)."""
     header, payload = _read_checkpoint_header(path)
     d_cfg = cfg.network.get("d")
     if header.get("d") != d_cfg:
@@ -174,6 +237,7 @@ def load_tree(path: str, cfg: TrainConfig) -> tuple[dict, dict, Any]:
         raise HbarInputError(
             f"{path}: the network in the checkpoint {header.get('network')} does not match the config {cfg.network}"
         )
+    check_record(header, cfg, path, allow_config_mismatch, resuming)
     params, static, opt_state = _templates(cfg)
     like = payload_tree(params, params, opt_state, 0, 0, jnp.zeros((2,), jnp.uint32),
                          np.zeros(int(header["n_losses"]), np.float64))
@@ -187,21 +251,26 @@ def load_tree(path: str, cfg: TrainConfig) -> tuple[dict, dict, Any]:
 
 
 def load_checkpoint(
-    run_dir: str | os.PathLike, config: TrainConfig | None = None, ema: bool = True
+    run_dir: str | os.PathLike, config: TrainConfig | None = None, ema: bool = True,
+    allow_config_mismatch: bool = False,
 ) -> tuple[Any, Schedule, TrainConfig]:
     """(score_fn, schedule, config) from a run directory.
 
     Rebuilds the network from the stored config (or ``config``), loads the EMA weights
     (``ema=False``: the raw Adam weights) and returns it as a score function
     ``score_fn(x (n, d), t) -> (n, d)``. A missing, truncated or corrupt checkpoint, or a
-    config whose architecture does not match the stored weights, raises HbarInputError."""
+    config whose architecture does not match the stored weights, raises HbarInputError; so
+    does a config that differs from the one recorded in the checkpoint (e.g. config.json edited
+    from schedule simple to cosine), unless ``allow_config_mismatch`` (then a warning)."""
     rd = os.fspath(run_dir)
+    if os.path.isfile(rd):
+        raise HbarInputError(f"{rd} is a file, not a training run directory")
     if not os.path.isdir(rd):
         raise HbarInputError(f"run directory not found: {rd}")
     cfg = load_config(rd) if config is None else config
     if cfg.network.get("d") is None:
         raise HbarInputError("the config's network has no dimension 'd'; use the config.json of the run")
-    _, tree, static = load_tree(os.path.join(rd, CHECKPOINT_FILE), cfg)
+    _, tree, static = load_tree(os.path.join(rd, CHECKPOINT_FILE), cfg, allow_config_mismatch)
     score_fn = eqx.combine(tree["ema"] if ema else tree["params"], static)
     return score_fn, cfg.schedule_obj(), cfg
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from hbar.schedules import Schedule
+from hbar.validation import HbarInputError
 
 from .grid import Grid
 from .operator import sg_coefficients, step_matrix_1d, step_matrix_2d
@@ -116,6 +117,19 @@ class LinearSolver:
         return lu.solve(rhs)
 
 
+def _check_finite_velocity(u_all: np.ndarray, face_pts: np.ndarray, t: float, hs: np.ndarray) -> None:
+    """Clear error when the backward drift u_h (nh, F, d) on the cell faces is not finite (a
+    score returning NaN/inf there), instead of a singular or NaN linear solve later."""
+    bad = ~np.isfinite(np.asarray(u_all))
+    if bad.any():
+        ih, face, _ = (int(i[0]) for i in np.nonzero(bad))
+        n_bad = int(np.any(bad, axis=(0, 2)).sum())
+        raise HbarInputError(
+            f"Fokker-Planck reference: the drift velocity u_h = f x - (1+h)/2 g^2 s is non-finite (NaN or inf) "
+            f"at {n_bad} of {bad.shape[1]} cell faces at t = {t:.6g} (first: h = {float(hs[ih]):g}, x = "
+            f"{np.asarray(face_pts)[face].tolist()}): the score returns NaN/inf there; fix the score or shrink the grid")
+
+
 def solve_level(
     face_drift: Callable,
     schedule: Schedule,
@@ -168,6 +182,7 @@ def _solve_level_impl(
         dt = float(t_nodes[step] - t_nodes[step + 1])
         # backward drift u_h at every interior face for all h: (nh, F, d); noise rate (nh,)
         u_all, diff2 = face_drift(pts_j, t_new, hs)
+        _check_finite_velocity(u_all, grid.all_face_pts, t_new, hs)
         u_parts = np.split(u_all, splits, axis=1)
         c0, c1, c2 = bdf2_coefficients(dt, dt_prev)
         for ih in range(nh):

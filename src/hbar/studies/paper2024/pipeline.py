@@ -14,6 +14,9 @@ from typing import Any
 
 import jax
 
+from hbar.locking import run_lock
+from hbar.validation import check_seed
+
 from .analysis import minimisers, path_series, robust_summary
 from .config import ReproduceConfig, model_name, models_of
 from .experiments import stage_c2, stage_fd, stage_fp, stage_nll, stage_path, stage_train, stage_w2
@@ -63,8 +66,14 @@ def _previous_history(out_dir: str) -> list[dict[str, Any]]:
 
 
 def _run(out_dir: str | os.PathLike, cfg: ReproduceConfig, seed: int, progress: Progress) -> dict[str, Any]:
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    """Run the study under a lock on ``out_dir`` (one writer per results folder; docs/theory.md
+    section 14.4): a second run into the same folder gets HbarInputError naming the holder."""
+    seed = check_seed(seed, "seed")
+    with run_lock(out_dir, "hbar demo" if cfg.demo else "hbar reproduce"):
+        return _run_locked(os.fspath(out_dir), cfg, seed, progress)
+
+
+def _run_locked(out_dir: str, cfg: ReproduceConfig, seed: int, progress: Progress) -> dict[str, Any]:
     t_start = time.perf_counter()
     pin_config(out_dir, cfg.to_dict(), seed)
     history = _previous_history(out_dir)
@@ -126,7 +135,7 @@ def run_reproduce(out_dir: str | os.PathLike, quick: bool = False, seed: int = 0
     float64 (``jax.enable_x64`` context), leaving the caller's JAX configuration unchanged."""
     cfg = config if config is not None else (ReproduceConfig.quick() if quick else ReproduceConfig.full())
     with jax.enable_x64(True):
-        return _run(out_dir, cfg, int(seed), progress)
+        return _run(out_dir, cfg, seed, progress)
 
 
 def run_demo(out_dir: str | os.PathLike, quick: bool = False, seed: int = 0, progress: Progress = None,
@@ -138,4 +147,4 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, seed: int = 0, pro
     if not cfg.demo:
         cfg = dataclasses.replace(cfg, demo=True)
     with jax.enable_x64(True):
-        return _run(out_dir, cfg, int(seed), progress)
+        return _run(out_dir, cfg, seed, progress)

@@ -1,4 +1,4 @@
-"""Tests for hbar.networks: score contract, architecture, dtype and config round trip."""
+"""Tests for hbar.networks (MLPs): score contract, architecture, dtype and config round trip."""
 
 import equinox as eqx
 import jax
