@@ -305,7 +305,7 @@ def test_values_and_paths_checked_before_computing(run_dir, tmp_path):
         (["nll", run, x, "--n", "0"], "--n must be a positive integer"),
         (["nll", run, x, "--rtol", "inf"], "--rtol must be finite"),
         (["nll", run, x, "--atol", "0"], "--atol must be a finite positive number"),
-        (["nll", run, x, "--bound", "0"], "--bound must be a finite positive number"),
+        (["nll", run, x, "--bound", "0"], "--bound must be a number > 0 (or inf for no bound)"),
         (["nll", run, x, "--seed", str(2**32)], "--seed must be an integer in [0, 2**32 - 1]"),
         (["nll", run, x, "--out", str(tmp_path)], "must end in .json"),
         (["nll", run, x, "--out", str(tmp_path / "no" / "n.json")], "does not exist"),
@@ -486,3 +486,25 @@ def test_interrupt_message_says_what_was_kept(run_dir, tmp_path, monkeypatch):
     res = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r"), "--n", "64", "--batch-size", "32"],
                         env={"COLUMNS": "300"})
     assert res.exit_code == 130 and f"checkpointed in {tmp_path / 'r'}" in res.output and "--resume" in res.output
+
+
+def test_sample_default_bound_is_at_the_scale_of_the_training_data(run_dir, tmp_path, monkeypatch):
+    """Without --bound the sampler's divergence bound is 100 (prior std + max |x_train|), so a model of
+    data far from the origin is not flagged for being there (docs/theory.md section 14.1)."""
+    import hbar
+    from hbar.schedules import default_bound
+    from hbar.training import load_checkpoint, make_training_data
+
+    seen = []
+    real = hbar.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["bound"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hbar, "sample", spy)
+    res = runner.invoke(app, ["sample", str(run_dir / "run"), "--n", "4", "--steps", "3", "--out", str(tmp_path / "s.npy")])
+    assert res.exit_code == 0, res.output
+    _, schedule, cfg = load_checkpoint(run_dir / "run")
+    scale = float(np.max(np.abs(make_training_data(cfg)[0])))
+    assert scale > 1.5 and seen == [default_bound(schedule, scale)]

@@ -130,3 +130,17 @@ def test_sample_moments_standard_errors():
     assert mom.cov.shape == (2, 2) and mom.mean_se.shape == (2,)
     with pytest.raises(HbarInputError):
         sample_moments(np.zeros((1, 2)))
+
+
+def test_gaussian_w2_with_rank_deficient_covariances_is_finite_and_exact():
+    """Fewer samples than dimensions (classifier features in the Fréchet distance): the covariances are
+    singular; the Bures W2 is still finite, and for commuting (diagonal) ones equals the closed form
+    sum (sqrt a_i - sqrt b_i)^2."""
+    a = np.array([2.0, 0.0, 1.0, 0.0])
+    b = np.array([0.5, 3.0, 0.0, 0.0])
+    got = gaussian_w2(np.zeros(4), np.diag(a), np.ones(4), np.diag(b), squared=True)
+    assert got == pytest.approx(4.0 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-12)
+    x = np.random.default_rng(0).normal(size=(10, 30))
+    c = np.cov(x.T)
+    assert np.isfinite(gaussian_w2(x.mean(0), c, x.mean(0) + 1.0, 2.0 * c))
+    assert gaussian_w2(x.mean(0), c, x.mean(0), c) == pytest.approx(0.0, abs=1e-6)

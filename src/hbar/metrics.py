@@ -96,8 +96,11 @@ def gaussian_w2(m1: Any, C1: Any, m2: Any, C2: Any, squared: bool = False) -> fl
 
         W2^2 = |m1 - m2|^2 + tr( C1 + C2 - 2 (C1^{1/2} C2 C1^{1/2})^{1/2} ).
 
-    Computed by POT (``ot.gaussian.bures_wasserstein_distance``) after the inputs are checked
-    to be symmetric PSD. In 1-D: W2^2 = (m1 - m2)^2 + (s1 - s2)^2.
+    The inputs are checked to be symmetric PSD; the square roots are taken by symmetric
+    eigendecomposition with eigenvalues clipped at 0, so rank-deficient covariances (fewer
+    samples than dimensions, e.g. classifier features in the Fréchet distance) give the right
+    finite value (POT's ``bures_wasserstein_distance`` returns NaN there: the square root of
+    rounding-level negative eigenvalues). In 1-D: W2^2 = (m1 - m2)^2 + (s1 - s2)^2.
 
     Args:
         m1, m2: means, shape (d,) (a scalar is read as d = 1).
@@ -110,13 +113,13 @@ def gaussian_w2(m1: Any, C1: Any, m2: Any, C2: Any, squared: bool = False) -> fl
         raise HbarInputError(f"means must be (d,) vectors of equal length, got {m1a.shape} and {m2a.shape}")
     if not (np.all(np.isfinite(m1a)) and np.all(np.isfinite(m2a))):
         raise HbarInputError("means contain NaN or inf")
-    import ot
-
     d = m1a.shape[0]
     c1 = _as_cov(C1, d, "C1")
     c2 = _as_cov(C2, d, "C2")
-    w2 = float(np.real(ot.gaussian.bures_wasserstein_distance(m1a, m2a, c1, c2)))  # POT's Bures W2
-    w2sq = max(w2, 0.0) ** 2
+    lam, vec = np.linalg.eigh(c1)
+    r1 = (vec * np.sqrt(np.clip(lam, 0.0, None))) @ vec.T  # C1^{1/2}
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ c2 @ r1), 0.0, None)).sum()  # tr (C1^1/2 C2 C1^1/2)^1/2
+    w2sq = max(float(np.sum((m1a - m2a) ** 2) + np.trace(c1) + np.trace(c2) - 2.0 * cross), 0.0)
     return w2sq if squared else float(np.sqrt(w2sq))
 
 

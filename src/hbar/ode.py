@@ -30,8 +30,9 @@ Failure (docs/theory.md section 14.1, 14.3). A solve ends at once, reported as `
 when (a) the state becomes non-finite or, with a ``bound``, a bounded entry leaves
 [-bound, bound] after an accepted step (a diffrax event), or (b) the step size falls below
 ``ODEOptions.min_step`` |t1 - t0|: a non-finite vector field makes every attempted step fail the
-error test and shrink the step by diffrax's factor 1/5, so this ends the solve after about
-log_5(dt0 / (min_step |t1 - t0|)) ~ 15 rejected steps instead of burning through ``max_steps``.
+error test and shrink the step, so this ends the solve after a few dozen rejected steps (measured:
+56 rejected steps, 529 field evaluations for a NaN field in 1-D float64; diffrax shrinks by less
+than its nominal factor 1/5 when the error norm is NaN) instead of burning through ``max_steps``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,11 @@ def test_h_answer_agrees_when_c1_negative_and_large_h_wins():
 
 def test_h_answer_disagrees_and_unresolved_cases():
     a = h_answer({"c1_bpd": [-0.05, 0.01]}, {0.0: _q(3.0), 1.0: _q(3.05)})
-    assert a["best_h_fd"] == 0.0 and a["agree_fd"] is False and a["fd_resolved"] is False
+    assert a["best_h_fd"] == 0.0 and a["fd_resolved"] is False and a["agree_fd"] is None  # not resolved: no claim
+    a = h_answer({"c1_bpd": [-0.05, 0.01]}, {0.0: _q(3.0), 0.5: _q(3.5), 1.0: _q(4.0)})
+    assert a["best_h_fd"] == 0.0 and a["fd_resolved"] is True and a["agree_fd"] is False
+    a = h_answer({"c1_bpd": [0.05, 0.01]}, {0.0: _q(4.0), 0.1: _q(3.0), 1.0: _q(5.0)})
+    assert a["wkb_prefers"] == "smaller h" and a["best_h_fd"] == 0.1 and a["agree_fd"] is False
     b = h_answer({"c1_bpd": [0.001, 0.01]}, {0.0: _q(3.0), 1.0: _q(4.0)})
     assert b["wkb_prefers"] is None and b["agree_fd"] is None and b["c1_sign"].startswith("not resolved")
     d = h_answer({"c1_bpd": [-0.05, 0.01], "ladder": {"disc_error_bpd": 0.05}}, {0.0: _q(3.0), 1.0: _q(4.0)})
@@ -49,7 +53,7 @@ def test_report_and_answer_with_a_sample_set_that_failed_entirely():
                      "quality": {"fd": 3.0, "fd_se": 0.1, "fd_floor": 1.0, "label_entropy": 2.2, "label_entropy_max": 2.3,
                                  "w2_pixels": 9.0, "n_w2": 32, "w2_floor": 8.0}}, 1.0: failed}
     ans = h_answer({"c1_bpd": [-0.05, 0.01]}, samples)
-    assert ans["best_h_fd"] == 0.0 and ans["agree_fd"] is False
+    assert ans["best_h_fd"] == 0.0 and ans["fd_resolved"] is False and ans["agree_fd"] is None
     res = {"config": ImageStudyConfig.quick().to_dict(), "complete": True,
            "stages": {"baseline": None, "train": None, "classifier": None, "nll": None},
            "samples": {str(k): v for k, v in samples.items()}, "answer": ans, "stage_seconds": {}, "stages_missing": []}

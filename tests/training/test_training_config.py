@@ -170,3 +170,17 @@ def test_image_training_data_are_bin_centres(monkeypatch):
     np.testing.assert_array_equal(x, 2 * (fake["train"].reshape(40, 784) + 0.5) / 256 - 1)
     assert xt.shape == (5, 784) and np.all(np.abs((xt + 1) * 128 - np.floor((xt + 1) * 128) - 0.5) <= 0.5)
     assert training_levels(cfg) == 256 and training_levels(TrainConfig(dataset="swiss_roll")) is None
+
+
+@pytest.mark.parametrize("field", ["seed", "data_seed"])
+def test_seeds_outside_the_numpy_range_are_clear_errors(field):
+    with pytest.raises(HbarInputError, match=f"'{field}'.*less than"):
+        TrainConfig(dataset="swiss_roll", **{field: 2**32})
+    TrainConfig(dataset="swiss_roll", **{field: 2**32 - 1_000_004})  # the largest seed whose test offset fits
+
+
+def test_replacing_the_schedule_of_an_image_preset_moves_the_unets_schedule_too():
+    cfg = TrainConfig.images("mnist5k").replace(schedule={"name": "cosine"})
+    assert cfg.network["schedule"] == cfg.schedule and cfg.schedule["name"] == "cosine"
+    with pytest.raises(HbarInputError, match="differs from the training schedule"):
+        TrainConfig.images("mnist5k", network={"name": "unet", "schedule": {"name": "cosine"}})

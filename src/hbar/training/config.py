@@ -33,6 +33,7 @@ from hbar.validation import HbarInputError
 __all__ = ["TrainConfig", "IMAGE_DATASETS", "make_training_data", "training_levels"]
 
 _TEST_SEED_OFFSET = 1_000_003  # held-out data use data_seed + this offset
+_SEED_LIMIT = 2**32 - _TEST_SEED_OFFSET  # numpy / scikit-learn seeds are < 2**32, offset included
 
 #: image data sets trained from their pixels (:mod:`hbar.images.datasets`): the training set
 #: holds bin centres and every batch is dequantised afresh (docs/theory.md section 13.5).
@@ -98,7 +99,7 @@ class _TrainFields(BaseModel):
     index_col: Any = None
     n_train: Any = None
     n_test: Annotated[_Int, Field(ge=0)] = 1000
-    data_seed: Annotated[_Int, Field(ge=0)] | None = None
+    data_seed: Annotated[_Int, Field(ge=0, lt=_SEED_LIMIT)] | None = None
     schedule: Any = None
     network: Any = None
     lr: Annotated[_Float, Field(gt=0)] = 1e-3
@@ -108,7 +109,7 @@ class _TrainFields(BaseModel):
     normalize_by_dim: Annotated[StrictBool, BeforeValidator(_plain_bool)] = False
     ema_decay: Annotated[_Float, Field(ge=0, lt=1)] = 0.999
     grad_clip: Annotated[_Float, Field(gt=0)] | None = None
-    seed: Annotated[_Int, Field(ge=0)] = 0
+    seed: Annotated[_Int, Field(ge=0, lt=_SEED_LIMIT)] = 0
     checkpoint_every: Annotated[_Int, Field(ge=1)] = 1000
 
     @field_validator("dataset")
@@ -330,6 +331,11 @@ class TrainConfig:
         return schedule_from_config(self.schedule)
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; a new ``schedule`` also becomes the U-Net's when that was filled in
+        from the old one (the U-Net's sigma(t) is the training schedule's, docs/theory.md section 13.4)."""
+        if ("schedule" in changes and "network" not in changes and isinstance(self.network, dict)
+                and self.network.get("name") == "unet" and self.network.get("schedule") == self.schedule):
+            changes["network"] = {k: v for k, v in self.network.items() if k != "schedule"}
         return dataclasses.replace(self, **changes)
 
     # ---- (de)serialisation -----------------------------------------------------------

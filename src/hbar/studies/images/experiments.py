@@ -36,15 +36,17 @@ from hbar.training import TrainConfig, load_checkpoint, train
 
 from .config import ImageStudyConfig
 
-__all__ = ["stage_baseline", "stage_train", "stage_classifier", "stage_nll", "stage_samples", "train_config",
+__all__ = ["stage_baseline", "stage_train", "stage_classifier", "stage_nll", "stage_paired", "stage_samples", "train_config",
            "model_dir", "h_tag"]
 
 
 def h_tag(h: float) -> str:
+    """Stage / file tag of a noise strength, e.g. ``h=0.25``."""
     return f"h={h:g}"
 
 
 def model_dir(out_dir: str, cfg: ImageStudyConfig) -> str:
+    """The training run directory of the study's model, ``out_dir/models/<dataset>``."""
     return os.path.join(out_dir, "models", cfg.dataset)
 
 
@@ -53,9 +55,7 @@ def train_config(cfg: ImageStudyConfig, seed: int) -> TrainConfig:
     base = TrainConfig.images(dataset=cfg.dataset, seed=seed)
     if not cfg.train:
         return base
-    d = base.to_dict()
-    d.update(cfg.train)  # a 'network' entry replaces the preset's network as a whole
-    return TrainConfig.from_dict(d)
+    return base.replace(**cfg.train)  # a 'network' entry replaces the preset's network as a whole
 
 
 def _load_model(out_dir: str, cfg: ImageStudyConfig):
@@ -70,11 +70,13 @@ def _test_points(cfg: ImageStudyConfig, seed: int, n: int) -> tuple[np.ndarray, 
 
 
 def stage_baseline(out_dir: str, cfg: ImageStudyConfig, seed: int, stages: StageRunner, stage: str):
+    """The closed-form Gaussian (PPCA) bits/dim on all test images (docs/theory.md section 13.3)."""
     b = image_baseline(cfg.dataset, k=cfg.baseline_components, seed=seed)
     return {**b, "info": dataset_info(cfg.dataset)}, None
 
 
 def stage_train(out_dir: str, cfg: ImageStudyConfig, seed: int, stages: StageRunner, stage: str):
+    """Train (or resume) the U-Net of :func:`train_config` into :func:`model_dir`."""
     tcfg = train_config(cfg, seed)
     rd = model_dir(out_dir, cfg)
     res = train(tcfg, rd, resume=True, progress=lambda s, tot, loss: stages.report(stage, s, tot))
@@ -88,6 +90,7 @@ def stage_train(out_dir: str, cfg: ImageStudyConfig, seed: int, stages: StageRun
 
 
 def stage_classifier(out_dir: str, cfg: ImageStudyConfig, seed: int, stages: StageRunner, stage: str):
+    """The feature classifier of the sample-quality metric, trained once and cached (section 13.6)."""
     _, record = load_or_train_classifier(os.path.join(out_dir, "classifier"), cfg.dataset, seed=seed,
                                          epochs=cfg.classifier_epochs)
     return {"record": record}, None
@@ -119,6 +122,25 @@ def stage_nll(out_dir: str, cfg: ImageStudyConfig, seed: int, stages: StageRunne
           "seconds": secs, "seconds_per_image": secs / max(1, x.shape[0])}
     return js, {"nll0_nats": np.asarray(r.nll0), "nll0_bpd": nll0_bpd, "c1_nats": c1, "c1_se_nats": c1_se,
                 "valid": v}
+
+
+def stage_paired(out_dir: str, cfg: ImageStudyConfig, seed: int, stages: StageRunner, stage: str,
+                 base_js: dict, nll_arr: dict):
+    """The Gaussian baseline on exactly the images (and dequantisation draw) of the ``nll`` stage:
+    the paired difference baseline - model in bits/dim per image, its mean and s.e. The baseline
+    is refitted as in the ``baseline`` stage (same seed, its k and floor: the same fit)."""
+    from hbar.images.gaussian_baseline import GaussianBaseline
+
+    train_set = load_images(cfg.dataset, "train", seed=seed)
+    model = GaussianBaseline.fit(to_model_space(train_set.images, train_set.levels, np.random.default_rng(seed)),
+                                 k=int(base_js["k"]), floor=float(base_js["floor"]))
+    x, test = _test_points(cfg, seed, cfg.n_nll)
+    base_bpd = np.asarray(bits_per_dim(model.nll(x), x.shape[1], test.levels))
+    v = np.asarray(nll_arr["valid"], dtype=bool)
+    gap = base_bpd - np.asarray(nll_arr["nll0_bpd"])
+    m, se = mean_se(gap[v])
+    return {"n": int(v.sum()), "gap_bpd": [m, se], "baseline_bpd_same_images": list(mean_se(base_bpd[v]))}, \
+        {"baseline_bpd": base_bpd, "gap_bpd": gap}
 
 
 def _ladder_bits(ladder: dict | None, to_bits: float) -> dict | None:

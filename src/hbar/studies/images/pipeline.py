@@ -14,16 +14,17 @@ from typing import Any
 import jax
 
 from hbar.locking import run_lock
+from hbar.serialization import atomic_write
 from hbar.studies.stages import Progress, StageRunner, load_stage, pin_config, utc_now, write_json
 
 from .config import ImageStudyConfig
-from .experiments import h_tag, stage_baseline, stage_classifier, stage_nll, stage_samples, stage_train
+from .experiments import h_tag, stage_baseline, stage_classifier, stage_nll, stage_paired, stage_samples, stage_train
 from .plots import plot_quality_h, plot_wkb_line
 from .report import h_answer, render_report
 
 __all__ = ["run_images", "collect_results"]
 
-_FIXED = ("baseline", "train", "classifier", "nll")
+_FIXED = ("baseline", "train", "classifier", "nll", "paired")
 
 
 def _stage_names(cfg: ImageStudyConfig) -> list[str]:
@@ -80,14 +81,15 @@ def _run(out_dir: str, cfg: ImageStudyConfig, seed: int, progress: Progress) -> 
         res["wall_seconds_this_call"] = time.perf_counter() - t_start
         _figures(out_dir, res)
         write_json(os.path.join(out_dir, "results.json"), res)
-        with open(os.path.join(out_dir, "report.md"), "w") as fh:
-            fh.write(render_report(res))
+        atomic_write(os.path.join(out_dir, "report.md"), render_report(res).encode())
         return res
 
     st = StageRunner(out_dir, progress, on_done=lambda: refresh(False))
-    for name, fn in (("baseline", stage_baseline), ("train", stage_train), ("classifier", stage_classifier),
-                     ("nll", stage_nll)):
+    base_js, _ = st.run("baseline", lambda: stage_baseline(out_dir, cfg, seed, st, "baseline"))
+    for name, fn in (("train", stage_train), ("classifier", stage_classifier)):
         st.run(name, lambda fn=fn, name=name: fn(out_dir, cfg, seed, st, name))
+    _, nll_arr = st.run("nll", lambda: stage_nll(out_dir, cfg, seed, st, "nll"))
+    st.run("paired", lambda: stage_paired(out_dir, cfg, seed, st, "paired", base_js, nll_arr))
     for h in cfg.h_values:
         name = f"samples/{h_tag(h)}"
         st.run(name, lambda h=h, name=name: stage_samples(out_dir, cfg, seed, st, name, float(h)))

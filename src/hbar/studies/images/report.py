@@ -47,14 +47,20 @@ def h_answer(nll_js: dict[str, Any] | None, samples: dict[float, dict[str, Any]]
         out["best_h_w2"] = min(w2, key=w2.get)
     hs = sorted(samples)
     if out["wkb_prefers"] and len(hs) > 1:
-        mid = 0.5 * (hs[0] + hs[-1])
-        for k, key in (("agree_fd", "best_h_fd"), ("agree_w2", "best_h_w2")):
-            if out[key] is not None:
-                out[k] = (out[key] >= mid) == (out["wkb_prefers"] == "larger h")
+        # WKB's slope says whether a little noise helps (C1 < 0) or hurts; the samples agree when
+        # their best h is above the smallest h exactly in the first case. Only resolved minima count.
+        noise_helps = out["wkb_prefers"] == "larger h"
+        if out["best_h_fd"] is not None and out["fd_resolved"]:
+            out["agree_fd"] = (out["best_h_fd"] > hs[0]) == noise_helps
+        if out["best_h_w2"] is not None:
+            out["agree_w2"] = (out["best_h_w2"] > hs[0]) == noise_helps
     return out
 
 
 def render_report(res: dict[str, Any]) -> str:
+    """The study's markdown report from the results dict of :func:`..pipeline.collect_results`
+    (data, model and training, likelihood table, sample table with figures, the h answer,
+    wall times; an incomplete run says so and names the missing stages)."""
     st = res["stages"]
     cfg = res["config"]
     lines = [f"# hbar image study: {cfg['dataset']} ({cfg['name']} sizes)", ""]
@@ -71,9 +77,9 @@ def render_report(res: dict[str, Any]) -> str:
                   "Model space x = 2 (k + u) / levels - 1 in [-1, 1), u ~ U[0, 1)^d (uniform dequantisation); "
                   "bits/dim = NLL / (d ln 2) + log2(levels / 2) (docs/theory.md section 13.2).", ""]
     if tr:
-        net = tr["config"]["network"]
+        net = {k: v for k, v in tr["config"]["network"].items() if k not in ("name", "d", "shape", "schedule")}
         lines += ["## Model and training", "",
-                  f"U-Net score ({', '.join(f'{k}={v}' for k, v in net.items() if k not in ('name',))}), "
+                  f"U-Net score ({', '.join(f'{k}={v}' for k, v in net.items())}), "
                   f"{res.get('param_count', '—')} parameters; schedule {tr['config'].get('schedule')}; "
                   f"{tr['epochs']} epochs, {tr['steps']} steps of batch {tr['batch_size']}, EMA weights.",
                   f"Training wall time (this machine, 2 cores): {_f(res.get('train_seconds_total'), '.0f')} s "
@@ -93,7 +99,9 @@ def render_report(res: dict[str, Any]) -> str:
                   f"| Gaussian (PCA, k = {base['k'] if base else '—'}) baseline, bits/dim, all "
                   f"{base['n_test'] if base else '—'} test images | "
                   f"{_pm([base['test_bits_per_dim'], base['test_bits_per_dim_se']] if base else None, '.4f')} |",
-                  f"| model better than the baseline by (bits/dim) | {_f(gap, '.4f')} |",
+                  f"| model better than the baseline by (bits/dim; difference of the two rows) | {_f(gap, '.4f')} |",
+                  f"| same, paired on the {nl['n']} images of the NLL0 row (baseline - model, mean ± s.e.) | "
+                  f"{_pm((st.get('paired') or {}).get('gap_bpd'), '.4f')} |",
                   f"| C1 = dNLL/dh at h = 0 (one-loop, {nl['probes']} probes per image), bits/dim, mean ± s.e. over images | "
                   f"{_pm(nl['c1_bpd'], '.4f')} |",
                   f"| of which estimator (probe) s.e. | {_f(nl.get('c1_estimator_se_bpd'), '.4f')} |",
