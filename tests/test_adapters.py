@@ -129,6 +129,7 @@ class _EpsNet(eqx.Module):
         return jax.vmap(self.mlp)(jnp.concatenate([x, t[:, None]], axis=1))
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_eps_network_trained_with_plain_optax_gives_native_nll0():
     """Train eps-prediction with plain optax (E|eps_hat - eps|^2, the DDPM loss), wrap it with
     from_eps, and check hbar's NLL0 equals that of the same network written as a native score,

@@ -272,6 +272,7 @@ def test_train_flags_on_a_small_user_csv(tmp_path):
     assert res.exit_code == 2 and "--resume" in res.output
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_nll_order2_cautions(run_dir):
     x = np.load(run_dir / "x.npy") if (run_dir / "x.npy").exists() else None
     if x is None:
@@ -342,7 +343,8 @@ def test_sample_batch_size_writes_exactly_the_printed_file(run_dir, tmp_path):
     res = runner.invoke(app, ["sample", str(run_dir / "run"), "--n", "6", "--steps", "5", "--batch-size", "2",
                               "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert res.output.strip().endswith(f"-> {out}") and sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+    printed = "".join(res.output.split())  # the console may wrap a long path
+    assert printed.endswith(f"->{out}") and sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
     score, schedule, _ = load_checkpoint(run_dir / "run")
     ref = sample(score, schedule, jax.random.PRNGKey(0), 6, 1.0, steps=5, batch_size=2)
     np.testing.assert_allclose(np.load(out), ref.samples, rtol=1e-12)

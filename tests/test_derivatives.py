@@ -52,7 +52,7 @@ def test_jet_polarization_equals_nested_jvps(d, m):
             np.testing.assert_allclose(J[k][:, i], ref[k], rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("reverse_first", [False, True])
+@pytest.mark.parametrize("reverse_first", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_taylor_tensors_column_orders_keep_only_the_wanted_derivatives(reverse_first):
     """column_orders=[3, 1, 0, 2]: the k-th tensor holds exactly the columns with K_j >= k, equal
     to the full computation's (no derivative beyond a column's order is returned)."""

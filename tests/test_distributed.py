@@ -149,6 +149,7 @@ def test_nll_on_four_devices_equals_one_device(case):
         assert d0 < 1e-9 and d1 < 1e-9, (name, d0, d1)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_sample_on_four_devices_equals_one_device():
     """Fixed-step (with its path) and adaptive sampling: the same samples on 4 devices."""
     r = _run_child("""
@@ -176,6 +177,7 @@ def test_sample_on_four_devices_equals_one_device():
 TRAIN_ATOL = 1e-5
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_training_on_four_devices_equals_one_device():
     """20 Adam steps, batch 30 (not a multiple of 4): raw and EMA weights agree to TRAIN_ATOL,
     the losses to 1e-5 relative."""

@@ -255,6 +255,7 @@ def test_adjoint_pass_independent_probe_sets(monkeypatch):
     assert dev_s > 8.0 and np.all(np.asarray(corr_s) > 0.99)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_auto_switches_on_dimension():
     from hbar.likelihood import ONE_LOOP_MIN_DIM
 
@@ -277,7 +278,7 @@ def test_gaussian_oracle_full_affine(d, n, probes):
     check_honest(res, truth, f"affine d={d}")
 
 
-@pytest.mark.parametrize("d", [784, pytest.param(3072, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("d", [pytest.param(784, marks=pytest.mark.slow), pytest.param(3072, marks=pytest.mark.slow)])
 def test_gaussian_oracle_factorised(d):
     s, score, m0, s0, x = factorised_case(d, n=100)
     truth = factorised_oracle(score, s, m0, s0, 0.0, x=x).c1_points[0]

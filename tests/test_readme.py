@@ -34,7 +34,7 @@ SMALL_PY = {
         ('TrainConfig.images("mnist5k")', 'TrainConfig.images("digits8x8", epochs=1, network={"name": "unet", '
          '"base_channels": 4, "channel_mults": [1], "blocks": 1, "groups": 2, "embed_dim": 8})'),
         ('load_images("mnist5k", "test", n=16)', 'load_images("digits8x8", "test", n=2)'),
-        ("key=jax.random.PRNGKey(1))", "key=jax.random.PRNGKey(1), probes=1, steps=2)"),
+        ('order=1, method="one-loop", key=jax.random.PRNGKey(1))', 'order=0, key=jax.random.PRNGKey(1))'),
     ],
     "h_window(": [("n=500, h=churn, steps=100", "n=50, h=churn, steps=10"), ("n=200, h=1.0", "n=20, h=1.0")],
 }

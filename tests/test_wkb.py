@@ -31,7 +31,8 @@ def test_c1_matches_closed_form(d):
 
 
 @pytest.mark.parametrize("d,schedule", [(1, hbar.OUSchedule(beta=1.0, t_min=1e-2, T=8.0)),
-                                        (1, hbar.SimpleSchedule()), (2, hbar.CosineSchedule())],
+                                        (1, hbar.SimpleSchedule()),
+                                        pytest.param(2, hbar.CosineSchedule(), marks=pytest.mark.slow)],
                          ids=["ou-1d", "simple-1d", "cosine-2d"])
 def test_c2_matches_closed_form(d, schedule):
     s, score, m0, S0, x = gaussian_case(d, eps=-0.1, schedule=schedule)
@@ -135,6 +136,7 @@ def _fp_polynomial(score, schedule, x, nll0, hs, deg, **fp_kwargs):
     return polynomial_coefficients(hs, fp.nll, nll0, deg), fp
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_c1_c2_match_fokker_planck_slope_and_curvature_1d():
     """1-D two-component mixture, score 5 % too large, OU schedule. Measured: C1 = -0.27334
     vs Fokker–Planck slope -0.27328; C2 = 1.5119 vs curvature 1.5040 (FP error ~1e-7)."""
@@ -196,6 +198,7 @@ def _mixture_case(n=6):
     return s, score, np.asarray(base.sample_data(jax.random.PRNGKey(0), n))
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_error_control_on_returned_components_meets_the_tolerance():
     """Controlling the step size on X, psi0, psi1, psi2 only (default) instead of every Taylor
     tensor: C1 and C2 per point stay within the tolerance's error of a tight run (as close as

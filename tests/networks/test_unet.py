@@ -44,6 +44,7 @@ def test_registered_and_shapes():
         net(x[:, :10], 0.5)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_float32_params_promote_to_float64_inputs():
     net = _tiny(dtype="float32")
     x = _points(3)
@@ -68,6 +69,7 @@ def test_rows_are_independent():
     np.testing.assert_allclose(_call(net, x, 0.4)[1], _call(net, x[1:2], 0.4)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_score_is_minus_eps_over_sigma():
     net = _tiny(key=1)
     x = _points(4, seed=2)
@@ -76,6 +78,7 @@ def test_score_is_minus_eps_over_sigma():
         np.testing.assert_allclose(_call(net, x, t), -eps(net, x, t) / SCHED.sigma(t), rtol=1e-12)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_input_is_scaled_by_c_in():
     """eps_theta sees c_in(t) x with c_in = 1 / sqrt(alpha^2 + sigma^2): a VE-schedule U-Net's eps
     at x equals that of a VP-schedule U-Net with the same weights at c_in x (VP: c_in = 1)."""
@@ -90,6 +93,7 @@ def test_input_is_scaled_by_c_in():
     np.testing.assert_allclose(net_ve.eps(x, t), net_vp.eps(c * x, t), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_config_round_trip_and_defaults():
     net = _tiny(key=2)
     cfg = network_config(net)
@@ -119,6 +123,7 @@ def test_bad_configs(cfg, match):
         network_from_config(cfg)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_jit_and_grad():
     net = _tiny(key=4, dtype="float32")
     x = _points(3).astype(jnp.float32)
@@ -146,6 +151,7 @@ def test_nll_order0_and_one_loop_take_the_unet():
     assert np.all(np.isfinite(r1.c1)) and np.all(np.isfinite(r1.c1_se))
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_path_nll_takes_the_unet():
     net = _tiny(key=5, dtype="float32", shape=(1, 4, 4))
     x = np.asarray(_points(2, d=16, seed=6)) * 0.5

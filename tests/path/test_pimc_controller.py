@@ -50,6 +50,7 @@ def test_controller_flags_unconverged():
     assert not r.converged[0] and r.flags and "not converged" in r.flags[0]
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_controller_stops_refining_when_paths_capped():
     """MC s.e. above tol at max_paths while the discretisation error is within tol: no further
     step levels (they cannot help), not converged, and the flag says why."""

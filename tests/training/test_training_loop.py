@@ -56,6 +56,7 @@ def test_sigma2_weighting_time_embedding_and_file_data(tmp_path):
         train(cfg.replace(data_path=str(bad)), None)
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_trained_model_samples_beat_the_prior_in_w2():
     """A short swiss-roll run: samples of the trained model (reverse SDE, h = 1) are closer in
     exact-EMD W2 to fresh data than draws from the prior are (a meaningful, not tight, bound)."""
@@ -94,6 +95,7 @@ def test_chunk_boundaries_are_resume_invariant(chunk, every, total, data):
     assert ends(resume_at) == [e for e in full if e > resume_at]
 
 
+@pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
 def test_unet_on_images_resumes_bit_identically(tmp_path, monkeypatch):
     """Image training (U-Net, per-batch dequantisation, one jitted call per step): 2 epochs in one
     go == 1 epoch, then resume to 2, bit for bit; the loss is finite."""

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from hbar.locking import run_lock
 from hbar.serialization import atomic_write
@@ -59,9 +60,12 @@ def _figures(out_dir: str, res: dict[str, Any]) -> None:
     nl, base = res["stages"]["nll"], res["stages"]["baseline"]
     figs = os.path.join(out_dir, "figures")
     if nl:
+        disc = (nl.get("ladder") or {}).get("disc_error_bpd") or 0.0
+        positive = [h for h in res["config"]["h_values"] if h > 0]
         plot_wkb_line(os.path.join(figs, "nll_h.png"), nll0=nl["nll0_bpd"][0], nll0_se=nl["nll0_bpd"][1],
-                      c1=nl["c1_bpd"][0], c1_se=nl["c1_bpd"][1], baseline=base["test_bits_per_dim"] if base else None,
-                      h_max=max(res["config"]["h_values"]))
+                      c1=nl["c1_bpd"][0], c1_se=float(np.hypot(nl["c1_bpd"][1], disc)),
+                      baseline=base["test_bits_per_dim"] if base else None,
+                      h_max=min(positive) if positive else 0.1)  # a slope at h = 0: drawn over the smallest h only
     s = {float(k): v for k, v in res["samples"].items()}
     s = {h: v for h, v in s.items() if v.get("quality")}
     if s:

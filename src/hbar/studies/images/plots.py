@@ -21,8 +21,9 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
 
 def plot_wkb_line(path: str | os.PathLike, *, nll0: float, nll0_se: float, c1: float, c1_se: float,
                   baseline: float | None, h_max: float = 1.0) -> str:
-    """NLL(h) ~ NLL0 + h C1 in bits/dim with the 2 s.e. band of the line (NLL0 and C1 errors
-    added in quadrature at each h), and the Gaussian baseline as a horizontal line."""
+    """NLL(h) ~ NLL0 + h C1 in bits/dim on [0, h_max] with the 2 s.e. band of the line (NLL0
+    and C1 errors added in quadrature at each h; give C1's total error), and the Gaussian
+    baseline as a horizontal line."""
     h = np.linspace(0.0, h_max, 101)
     line = nll0 + h * c1
     band = 2.0 * np.sqrt(nll0_se**2 + (h * c1_se) ** 2)

@@ -112,8 +112,9 @@ def render_report(res: dict[str, Any]) -> str:
                   f"| failed trajectories | {nl['n_failed']} of {nl['n']} |",
                   f"| wall time per image (NLL0 + C1) | {nl['seconds_per_image']:.1f} s |", "",
                   "The WKB line NLL0 + h C1 is the first-order prediction; for learned scores the series is only "
-                  "trustworthy for small h (docs/theory.md section 6.3), so the line states a slope at h = 0, "
-                  "not the value at h = 1.", "", "![WKB line](figures/nll_h.png)", ""]
+                  "trustworthy for small h (docs/theory.md section 6.3), so the line states a slope at h = 0 and is "
+                  "drawn up to the smallest h > 0 of the study only (band: 2 x the total error, Monte Carlo and "
+                  "discretisation).", "", "![WKB line](figures/nll_h.png)", ""]
     else:
         lines += ["(not computed yet)", ""]
     samples = {float(k): v for k, v in res.get("samples", {}).items()}
