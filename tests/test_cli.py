@@ -510,3 +510,24 @@ def test_sample_default_bound_is_at_the_scale_of_the_training_data(run_dir, tmp_
     _, schedule, cfg = load_checkpoint(run_dir / "run")
     scale = float(np.max(np.abs(make_training_data(cfg)[0])))
     assert scale > 1.5 and seen == [default_bound(schedule, scale)]
+
+
+def test_study_images_command_checks_its_folder_and_calls_the_study(tmp_path, monkeypatch):
+    """`hbar study images`: a results folder that is an existing file is refused before anything runs;
+    otherwise the study driver gets the data set, the folder and the seed."""
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    _one_error_line(runner.invoke(app, ["study", "images", "--out", str(f)]), "is an existing file")
+    import hbar.studies.images as study
+
+    calls = []
+
+    def fake(out, quick, seed, progress, dataset):
+        calls.append((str(out), quick, seed, dataset))
+        (tmp_path / "r" / "report.md").parent.mkdir(exist_ok=True)
+        (tmp_path / "r" / "report.md").write_text("# report\n")
+
+    monkeypatch.setattr(study, "run_images", fake)
+    res = runner.invoke(app, ["study", "images", "--dataset", "fashion_mnist", "--out", str(tmp_path / "r"), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert calls == [(str(tmp_path / "r"), False, 3, "fashion_mnist")] and "report" in res.output
