@@ -31,9 +31,9 @@ SMALL_PY = {
     "TrainConfig(dataset=": [("n_train=1000, batch_size=250, epochs=20", "n_train=64, batch_size=32, epochs=2")],
     "from_eps": [],
     "TrainConfig.images(": [
-        ('TrainConfig.images("mnist5k")', 'TrainConfig.images("digits8x8", epochs=1, network={"name": "unet", '
+        ('TrainConfig.images("mnist5k", epochs=3)', 'TrainConfig.images("digits8x8", epochs=1, network={"name": "unet", '
          '"base_channels": 4, "channel_mults": [1], "blocks": 1, "groups": 2, "embed_dim": 8})'),
-        ('load_images("mnist5k", "test", n=16)', 'load_images("digits8x8", "test", n=2)'),
+        ('load_images("mnist5k", "test", n=4)', 'load_images("digits8x8", "test", n=2)'),
         ('order=1, method="one-loop", key=jax.random.PRNGKey(1))', 'order=0, key=jax.random.PRNGKey(1))'),
     ],
     "h_window(": [("n=500, h=churn, steps=100", "n=50, h=churn, steps=10"), ("n=200, h=1.0", "n=20, h=1.0")],
