@@ -99,7 +99,7 @@ def test_readme_cli_block_small(tmp_path, monkeypatch):
 def test_readme_python_block_runs(i, tmp_path):
     code = _blocks("python")[i]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=1200,
                           env=env)
     assert proc.returncode == 0, f"README block {i} failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
