@@ -111,6 +111,7 @@ def test_path_nll_table_out_progress_and_warnings(run_dir, monkeypatch):
     args = ["path-nll", str(run_dir / "run"), str(run_dir / "x.npy"), "--h", "0.5,1", "--paths", "16", "--steps",
             "10", "--n", "3", "--out", str(run_dir / "p.json")]
     monkeypatch.setattr(cli, "LOW_ESS", 1.01)  # every row counts as low ESS
+    monkeypatch.setattr(cli.out, "width", 200)  # one table row per line
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "path-integral NLL (points x h): 6/6" in res.output  # plain progress line (not a terminal)
@@ -118,7 +119,8 @@ def test_path_nll_table_out_progress_and_warnings(run_dir, monkeypatch):
     ref = path_nll(score, schedule, x[:3], [0.5, 1.0], jax.random.PRNGKey(0), n_paths=16, steps=10)
     rows = _table_rows(res.output)
     assert [r[0] for r in rows] == ["0.5", "1"]
-    for i, (_h, val, mc_se, bias, ess_min, ess_med, flags) in enumerate(rows):
+    for i, (_h, val, mc_se, bias, ess_min, ess_med, khat, flags) in enumerate(rows):
+        assert khat == "nan"  # 16 paths: a tail of 3 weights is too short to fit
         mean, se = (float(v) for v in val.split("±"))
         np.testing.assert_allclose([mean, se, float(mc_se)], [ref.nll[i], ref.se[i], ref.mc_se[i]], atol=5.1e-5)
         np.testing.assert_allclose(float(bias), ref.bias[i], rtol=0.01)
@@ -139,7 +141,7 @@ def test_path_nll_table_out_progress_and_warnings(run_dir, monkeypatch):
                               "--out", str(run_dir / "pc.json")], env={"COLUMNS": "200"})  # ten columns: no wrapping
     assert res.exit_code == 0, res.output
     row = _table_rows(res.output)[0]
-    assert row[4] == "NO" and row[-1].startswith("not")  # cells may wrap or be cut at 80 columns: values from JSON
+    assert row[4] == "NO" and "not converged" in row[-1]  # cells may wrap or be cut at 80 columns: values from JSON
     assert sum(ln.startswith("warning: path-nll h=0.5: not converged") for ln in res.output.splitlines()) == 1
     got = _strict_json(run_dir / "pc.json")
     assert got["mode"] == "converged" and got["rows"][0]["converged"] is False
@@ -531,3 +533,13 @@ def test_study_images_command_checks_its_folder_and_calls_the_study(tmp_path, mo
     res = runner.invoke(app, ["study", "images", "--dataset", "fashion_mnist", "--out", str(tmp_path / "r"), "--seed", "3"])
     assert res.exit_code == 0, res.output
     assert calls == [(str(tmp_path / "r"), False, 3, "fashion_mnist")] and "report" in res.output
+
+
+def test_path_flags_name_heavy_tails():
+    """A row whose k-hat is above the threshold for its path count is flagged 'heavy tails'."""
+    from hbar.cli import _path_flags
+
+    assert _path_flags(0.5, True, 0.69, 4096) == []
+    assert _path_flags(0.5, True, 0.75, 4096) == ["heavy tails"]
+    assert _path_flags(0.5, False, 0.6, 256) == ["heavy tails", "not converged"]  # threshold 0.585 at 256 paths
+    assert _path_flags(0.01, None, float("nan"), 16) == ["low ESS"]

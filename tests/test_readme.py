@@ -31,11 +31,13 @@ SMALL_PY = {
     "TrainConfig(dataset=": [("n_train=1000, batch_size=250, epochs=20", "n_train=64, batch_size=32, epochs=2")],
     "from_eps": [],
     "TrainConfig.images(": [
-        ('TrainConfig.images("mnist5k", epochs=3)', 'TrainConfig.images("digits8x8", epochs=1, network={"name": "unet", '
-         '"base_channels": 4, "channel_mults": [1], "blocks": 1, "groups": 2, "embed_dim": 8})'),
+        ('TrainConfig.images("mnist5k", epochs=3)', 'TrainConfig.images("digits8x8", epochs=1, n_train=64, batch_size=32, '
+         'network={"name": "unet", "base_channels": 4, "channel_mults": [1], "blocks": 1, "groups": 2, "embed_dim": 8})'),
         ('load_images("mnist5k", "test", n=4)', 'load_images("digits8x8", "test", n=2)'),
         ('order=1, method="one-loop", key=jax.random.PRNGKey(1))', 'order=0, key=jax.random.PRNGKey(1))'),
     ],
+    "converged_path_nll": [("size=8)", "size=2)"), ("[0.5, 1.0], jax", "[1.0], jax"),
+                           ("tol=0.01)", "tol=0.2, steps0=50, max_steps=200, max_paths=512)")],
     "h_window(": [("n=500, h=churn, steps=100", "n=50, h=churn, steps=10"), ("n=200, h=1.0", "n=20, h=1.0")],
 }
 SMALL_CLI = [("--epochs 20", "--epochs 2 --n 256 --batch-size 64 --h 1"), ("--epochs 30", "--epochs 3"),
@@ -73,17 +75,20 @@ def test_readme_has_examples():
         assert sum(marker in block for marker in SMALL_PY) == 1, f"no small-size recipe for:\n{block}"
 
 
-def test_readme_python_blocks_small(tmp_path, monkeypatch):
-    """Every python block with small sizes, in this process (no interpreter start-up per block)."""
-    for i, block in enumerate(_blocks("python")):
-        (marker,) = [m for m in SMALL_PY if m in block]
-        code = _small(block, SMALL_PY[marker])
-        d = tmp_path / f"block{i}"
-        d.mkdir()
-        monkeypatch.chdir(d)
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
-            exec(compile(code, f"README.md python block {i}", "exec"), {"__name__": "__readme__"})
-        assert printed.getvalue().strip(), f"block {i} printed nothing"
+# the image block compiles a U-Net training step and its likelihood (~25 s even at small sizes):
+# slow suite, where it also runs as written
+@pytest.mark.parametrize("i", [pytest.param(i, marks=pytest.mark.slow) if "TrainConfig.images(" in b else i
+                               for i, b in enumerate(_blocks("python"))])
+def test_readme_python_block_small(i, tmp_path, monkeypatch):
+    """Each python block with small sizes, in this process (no interpreter start-up per block;
+    one test per block, so that the workers share them)."""
+    block = _blocks("python")[i]
+    (marker,) = [m for m in SMALL_PY if m in block]
+    code = _small(block, SMALL_PY[marker])
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(code, f"README.md python block {i}", "exec"), {"__name__": "__readme__"})
+    assert printed.getvalue().strip(), f"block {i} printed nothing"
 
 
 @pytest.mark.slow

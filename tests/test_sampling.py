@@ -141,7 +141,8 @@ def _mixture_cdf_at_tmin(w, mu, sd, sch):
     return lambda x: np.sum(w[None] * norm.cdf((np.asarray(x)[:, None] - a * mu[None]) / scale[None]), axis=1)
 
 
-@pytest.mark.parametrize("method,kw", [("heun", {}), ("sde", {})], ids=["scan-heun", "diffrax-shark-adaptive"])
+@pytest.mark.parametrize("method,kw", [("heun", {}), pytest.param("sde", {}, marks=pytest.mark.slow)],  # budget
+                         ids=["scan-heun", "diffrax-shark-adaptive"])
 def test_h_of_t_sampler_has_exact_marginals(method, kw):
     """With the exact mixture score every h(t) >= 0 leaves the marginals exact: a windowed
     h(t) (EDM-style churn) sampled by the scan and by diffrax matches p_{t_min} (KS test)."""

@@ -19,7 +19,7 @@ from hbar.wkb import poly_grad, poly_laplacian
 TIGHT = ODEOptions(rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("d", [1, 3, 16, pytest.param(64, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("d", [1, pytest.param(3, marks=pytest.mark.slow), 16, pytest.param(64, marks=pytest.mark.slow)])
 def test_c1_matches_closed_form(d):
     """C1 per point against the oracle (NLL0 on the same cases: test_likelihood)."""
     s, score, m0, S0, x = gaussian_case(d, eps=0.15)
@@ -231,7 +231,7 @@ def test_per_point_and_batched_step_control_agree():
     assert per.max() <= b.evals_backward  # each point's own control never needs more than the batch's
 
 
-@pytest.mark.parametrize("batching", ["batch", "per-point"])
+@pytest.mark.parametrize("batching", ["batch", pytest.param("per-point", marks=pytest.mark.slow)])  # budget
 def test_evaluation_counters_are_totals(batching):
     """Two identical batches execute twice the evaluations of one (totals, not maxima)."""
     s, score, x = _mixture_case(4)

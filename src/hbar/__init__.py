@@ -25,7 +25,7 @@ from hbar.schedules import (
 from hbar.scores import AffineScore, GaussianMixtureScore, PerturbedScore, gaussian_score
 from hbar.validation import HbarInputError
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "HProcess", "sample", "SampleResult", "nll", "LikelihoodResult", "bits_per_dim", "ODEOptions",

@@ -14,6 +14,7 @@ checked before anything is computed; ``--seed`` the PRNG seed; ``--steps`` steps
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -776,37 +777,42 @@ def path_nll_cmd(
             table = Table(title=f"converged path-integral NLL (grid {grid}, tol {tol:g}; nats; error: MC s.e. and "
                                 "discretisation error in quadrature; ESS as a fraction of paths)")
             for col in ("h", "NLL ± error", "MC s.e.", "discr.", "conv.", "steps", "paths", "order", "ESS min",
-                        "flags"):
+                        "k-hat", "flags"):
                 table.add_column(col)
             rows = cr.rows()
             for row in rows:
-                row["flags"] = _path_flags(row["ess_min"], row["converged"])
+                row["flags"] = _path_flags(row["ess_min"], row["converged"], row["khat_max"], row["n_paths"])
                 table.add_row(f"{row['h']:g}", f"{row['nll']:.4f} ± {row['total_error']:.4f}", f"{row['mc_se']:.1e}",
                               f"{row['disc_error']:.1e}", "yes" if row["converged"] else "NO", str(row["steps"]),
                               str(row["n_paths"]), f"{row['observed_order']:.2f}", f"{row['ess_min']:.2f}",
-                              ", ".join(row["flags"]) or "-")
+                              f"{row['khat_max']:.2f}", ", ".join(row["flags"]) or "-")
             warnings_ += [f"path-nll {f}" for f in cr.flags]
             payload.update(mode="converged", tol=tol, rows=rows, ladder=cr.ladder,
                            nll_points=[{"h": hv, "nll": pts} for hv, pts in zip(hs, cr.nll_points)])
         else:
             table = Table(title=f"path-integral NLL ({res.steps} Euler steps on the {grid} grid, {paths} paths/point; "
                                 "nats, ± s.e. over points; ESS as a fraction of paths; not step-converged: use --tol)")
-            for col in ("h", "NLL ± s.e.", "MC s.e.", "bias", "ESS min", "ESS med", "flags"):
+            for col in ("h", "NLL ± s.e.", "MC s.e.", "bias", "ESS min", "ESS med", "k-hat", "flags"):
                 table.add_column(col)
             rows = res.rows()
             for row in rows:
-                row["flags"] = _path_flags(row["ess_min"], None)
+                row["flags"] = _path_flags(row["ess_min"], None, row["khat_max"], paths)
                 table.add_row(f"{row['h']:g}", f"{row['nll']:.4f} ± {row['se']:.4f}", f"{row['mc_se']:.4f}",
                               f"{row['bias']:.2e}", f"{row['ess_min']:.2f}", f"{row['ess_median']:.2f}",
-                              ", ".join(row["flags"]) or "-")
+                              f"{row['khat_max']:.2f}", ", ".join(row["flags"]) or "-")
             payload.update(mode="fixed", steps=res.steps, n_paths=paths, rows=rows,
-                           points=[{"h": r.h, "nll": r.nll, "se": r.se, "ess": r.ess / r.n_paths} for r in res.results])
+                           points=[{"h": r.h, "nll": r.nll, "se": r.se, "ess": r.ess / r.n_paths, "khat": r.khat}
+                                   for r in res.results])
         for row in rows:
             if row["ess_min"] < LOW_ESS or not row["ess_min"] == row["ess_min"]:
                 warnings_.append(
                     f"path-nll h={row['h']:g}: low ESS, ESS/paths down to {row['ess_min']:.3f} (median "
                     f"{row['ess_median']:.3f}) < {LOW_ESS:g}: a few paths carry the importance weights, so this NLL "
                     "and its error are unreliable (typically too high); use more --paths, --tol, or a better score")
+            if tol is None and "heavy tails" in row["flags"]:
+                warnings_.append(
+                    f"path-nll h={row['h']:g}: Pareto k-hat of the importance weights up to {row['khat_max']:.2f}, above "
+                    "the threshold for these paths: the weights are so heavy-tailed that the MC s.e. is not to be trusted")
         out.print(table)
         for msg in warnings_:
             _warn(msg)
@@ -816,9 +822,15 @@ def path_nll_cmd(
             out.print(f"-> {output}")
 
 
-def _path_flags(ess_min: float, converged: bool | None) -> list[str]:
-    """Flags of one path-nll row: 'low ESS' (ESS/paths < LOW_ESS, or NaN), 'not converged'."""
+def _path_flags(ess_min: float, converged: bool | None, khat_max: float = math.nan,
+                n_paths: int = 0) -> list[str]:
+    """Flags of one path-nll row: 'low ESS' (ESS/paths < LOW_ESS, or NaN), 'heavy tails' (Pareto
+    k-hat above hbar.stats.khat_threshold(n_paths): MC s.e. not to be trusted), 'not converged'."""
+    from hbar.stats import khat_threshold
+
     flags = [] if ess_min >= LOW_ESS else ["low ESS"]
+    if n_paths and khat_max > khat_threshold(n_paths):
+        flags.append("heavy tails")
     if converged is False:
         flags.append("not converged")
     return flags

@@ -110,6 +110,21 @@ def make_grid(schedule: Schedule, steps: int, grid: str = DEFAULT_GRID, *, rho: 
     return ts
 
 
+def backward_grid(schedule: Schedule, steps: int = 100, grid: str = DEFAULT_GRID, times: Any = None) -> np.ndarray:
+    """The decreasing time grid T -> t_min of a backward chain, shape (steps + 1,): ``grid`` with
+    ``steps`` steps (:func:`make_grid`), or the given ``times``, checked to be strictly decreasing
+    from T to t_min and inside the schedule's time range."""
+    if times is None:
+        return make_grid(schedule, check_positive_int(steps, "steps"), grid)
+    ts = np.asarray(times, dtype=float)
+    if ts.ndim != 1 or ts.size < 2 or not np.all(np.diff(ts) < 0):
+        raise HbarInputError("times must be a strictly decreasing grid from T to t_min")
+    if not (np.isclose(ts[0], schedule.T) and np.isclose(ts[-1], schedule.t_min)):
+        raise HbarInputError(f"times must run from T={schedule.T} to t_min={schedule.t_min}")
+    schedule.check_time(ts, "times")
+    return ts
+
+
 def grid_resolution(schedule: Schedule, ts: Any) -> np.ndarray:
     """Relative noise variance of each step of the h = 1 chain, g(t_k)^2 D_k / sigma(t_{k+1})^2
     for a decreasing grid (the variance the step adds against the width of the density it

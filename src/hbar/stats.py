@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["mean_se"]
+__all__ = ["mean_se", "pareto_khat", "khat_threshold"]
 
 
 def mean_se(a: Any) -> tuple[float, float]:
@@ -19,3 +19,60 @@ def mean_se(a: Any) -> tuple[float, float]:
         return math.nan, math.nan
     se = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else math.nan
     return float(arr.mean()), se
+
+
+def khat_threshold(n_samples: int) -> float:
+    """Largest Pareto k-hat at which an importance-sampling mean of ``n_samples`` weights and its
+    sample-based standard error are trusted: min(1 - 1/log10(M), 0.7) (Vehtari et al. 2024,
+    "Pareto smoothed importance sampling", section 3; docs/theory.md section 3.10)."""
+    return min(1.0 - 1.0 / math.log10(max(int(n_samples), 11)), 0.7)
+
+
+def _gpd_shape(e: np.ndarray) -> np.ndarray:
+    """Shape xi of a generalised Pareto fitted to the exceedances e (rows, t), each row sorted
+    ascending and positive: the profile-likelihood-weighted estimate of Zhang & Stephens (2009)
+    over a grid of m = 30 + sqrt(t) values of theta = -xi / sigma, then shrunk towards 1/2 with
+    the weight of 10 pseudo-observations (as in PSIS). Returns (rows,)."""
+    t = e.shape[1]
+    m = 30 + int(math.sqrt(t))
+    j = np.arange(1, m + 1)
+    q = e[:, max(int(t / 4 + 0.5) - 1, 0)]  # first quartile of the exceedances
+    theta = 1.0 / e[:, -1:] + (1.0 - np.sqrt(m / (j - 0.5)))[None, :] / (3.0 * q[:, None])  # (rows, m)
+    k = np.mean(np.log1p(-theta[:, :, None] * e[:, None, :]), axis=2)  # (rows, m): -xi for each theta
+    loglik = t * (np.log(-theta / k) - k - 1.0)
+    post = np.exp(loglik - loglik.max(axis=1, keepdims=True))
+    theta_hat = np.sum(theta * post, axis=1) / np.sum(post, axis=1)
+    xi = np.mean(np.log1p(-theta_hat[:, None] * e), axis=1)
+    return (t * xi + 10 * 0.5) / (t + 10)
+
+
+def pareto_khat(log_weights: Any) -> np.ndarray:
+    """Pareto k-hat of each row of importance log-weights (n, M) -> (n,) (docs/theory.md section 3.10).
+
+    The largest t = min(M/5, 3 sqrt(M)) weights (scaled by the row maximum) minus the next one are
+    fitted by a generalised Pareto distribution; its shape k estimates the tail index of the
+    weights: E[w^r] is finite for r < 1/k, so k > 1/2 means infinite variance, and the sample
+    variance (hence the delta-method s.e.) understates the Monte Carlo error; above
+    :func:`khat_threshold` the estimate itself is unreliable (Vehtari et al. 2024). NaN where the
+    tail cannot be fitted: fewer than 5 tail weights (M < 25), fewer than 5 distinct tail weights
+    (e.g. constant weights), or a non-finite row."""
+    lw = np.atleast_2d(np.asarray(log_weights, dtype=float))
+    n, M = lw.shape
+    t = int(min(M / 5, 3 * math.sqrt(M)))
+    out = np.full(n, np.nan)
+    if t < 5:
+        return out
+    ok = np.all(np.isfinite(lw), axis=1)
+    if not ok.any():
+        return out
+    rows = lw[ok]
+    top = np.sort(rows - rows.max(axis=1, keepdims=True), axis=1)[:, -(t + 1):]
+    w = np.exp(top)
+    e = w[:, 1:] - w[:, :1]  # exceedances over the (t+1)-th largest weight, ascending
+    fit = np.sum(e > 1e-12, axis=1) >= 5
+    res = np.full(rows.shape[0], np.nan)
+    if fit.any():
+        ef = np.maximum(e[fit], 1e-300)
+        res[fit] = _gpd_shape(ef)
+    out[ok] = res
+    return out

@@ -29,6 +29,21 @@ def test_pimc_matches_exact_discrete_density(d, h):
     z = (r.log_q - ref) / r.se
     assert np.all(np.abs(z) < 4.5), z
     np.testing.assert_allclose(r.bias, -0.5 * r.se**2)
+    assert np.all(r.khat < 0.5) and np.all(r.reliable), r.khat  # light-tailed weights: the s.e. is trusted
+
+
+def test_pimc_on_the_log_snr_grid_matches_the_exact_chain():
+    """The default grid: the estimate targets the Euler chain on the log-SNR grid, whose exact
+    density is hbar.references.gaussian_chain_nll."""
+    from hbar.references import gaussian_chain_nll
+
+    m0, S0, rng = _gauss_case(2, 6)
+    sc = AffineScore(m0, S0, SIMPLE, scale_eps=0.1, shift=0.05 * np.ones(2))
+    x = rng.multivariate_normal(m0, S0, size=4)
+    r = path_log_likelihood(sc, SIMPLE, x, 0.5, jax.random.PRNGKey(2), n_paths=512, steps=30)
+    assert r.grid == "log-snr"
+    z = (-r.log_q - gaussian_chain_nll(sc, SIMPLE, 0.5, x, steps=30)) / r.se
+    assert np.all(np.abs(z) < 4.5), z
 
 
 def test_discretisation_bias_halves_with_step():

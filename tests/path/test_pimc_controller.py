@@ -32,9 +32,10 @@ def test_coupled_levels_share_brownian_paths():
 
 
 def test_controller_covers_truth_gaussian():
-    """Every h of the issue's grid: |estimate - exact| <= 2 total errors, converged, ladder shown."""
+    """Small, middle and large h (the issue's whole grid, over 8 seeds: the slow coverage test):
+    |estimate - exact| <= 2 total errors, converged, ladder shown."""
     sch, score, m0, S0, x = _case(4)
-    hs = [0.01, 0.1, 0.5, 1.0, 2.0]
+    hs = [0.01, 0.5, 2.0]
     r = converged_path_nll(score, sch, x, hs, jax.random.PRNGKey(0), tol=0.01, n_paths=256, max_paths=2048)
     truth = np.array([gaussian_oracle(score, sch, m0, S0, h, x=x).nll_points.mean() for h in hs])
     assert r.converged.all(), r.report()
@@ -48,6 +49,22 @@ def test_controller_flags_unconverged():
     r = converged_path_nll(score, sch, x, [1.0], jax.random.PRNGKey(0), tol=1e-5, steps0=10, max_steps=20,
                            n_paths=64, max_paths=64)
     assert not r.converged[0] and r.flags and "not converged" in r.flags[0]
+
+
+def test_controller_refuses_heavy_tailed_weights():
+    """A 32-D score 10 % off: the weights' Pareto k-hat is far above the threshold, so even a
+    tolerance the MC s.e. and the discretisation error meet is not 'converged', and the flag says
+    why."""
+    sch = hbar.SimpleSchedule()
+    _, score, m0, S0, _ = gaussian_case(32, 0.1, seed=0, schedule=sch)
+    x = np.random.default_rng(1).multivariate_normal(m0, S0, size=2)
+    kw = dict(tol=50.0, steps0=50, max_steps=100, n_paths=512, max_paths=512)
+    r = converged_path_nll(score, sch, x, [0.5], jax.random.PRNGKey(0), **kw)
+    assert r.mc_se[0] <= 50 and r.disc_error[0] <= 50
+    assert r.khat_max[0] > 0.8 and not r.converged[0], r.report()
+    assert any("k-hat" in f and "heavy-tailed" in f for f in r.flags), r.flags
+    assert "k-hat" in r.report() and r.rows()[0]["khat_max"] == r.khat_max[0]
+    # light tails are not flagged: tests/path/test_pimc.py::test_pimc_matches_exact_discrete_density
 
 
 @pytest.mark.slow  # a long check (CI default suite budget); run with pytest -m slow
@@ -123,3 +140,27 @@ def test_controller_leaves_failed_points_out():
     assert np.isfinite(r.nll[0]) and np.isfinite(r.mc_se[0])
     np.testing.assert_allclose(r.nll[0], np.mean(r.nll_points[0, [0, 2, 3]]), rtol=1e-12)
     assert any("failed" in f for f in r.flags)
+
+
+def test_path_count_of_a_level_follows_the_previous_weights():
+    """_paths_for_level: the MC s.e. predicted from the previous level's per-point variances is
+    brought to tol / 2 and the coupled difference's to tol / 5, in powers of two within the
+    bounds; fewer paths when the weights became even, the old count where k-hat needs it."""
+    from hbar.path.pimc import PathLikelihoodResult, _paths_for_level
+
+    def prev(se, m, khat=0.1):
+        n = len(se)
+        return PathLikelihoodResult(log_q=np.zeros(n), se=np.asarray(se, float), bias=np.zeros(n), ess=np.full(n, m),
+                                    n_paths=m, h=1.0, steps=100, proposal="reverse", khat=np.full(n, khat))
+
+    # v = 4 * 0.01^2 * 1024 = 0.41; 0.41 / (16 * 0.005^2) * 1.1 = 1126 -> 2048
+    assert _paths_for_level(prev([0.01] * 4, 1024), 0.01, 64, 65536, 1024, 0.1, False) == 2048
+    # weights much more even than before: 16x fewer paths suffice (0.0025 -> 70 -> 128)
+    assert _paths_for_level(prev([0.0025] * 4, 1024), 0.01, 64, 65536, 1024, 0.1, False) == 128
+    # ... unless the coupled difference needs them: 1024 * (0.004 / 0.002)^2 * 1.1 = 4506 -> 8192
+    assert _paths_for_level(prev([0.0025] * 4, 1024), 0.01, 64, 65536, 1024, 0.1, False, 0.004) == 8192
+    # ... or the tail does: k-hat 0.65 is above the threshold at 128 paths (0.53), not at 1024 (0.67)
+    assert _paths_for_level(prev([0.0025] * 4, 1024), 0.01, 64, 65536, 1024, 0.65, False) == 1024
+    assert _paths_for_level(prev([0.01] * 4, 1024), 0.01, 64, 512, 1024, 0.1, False) == 512  # max_paths
+    assert _paths_for_level(prev([1e-6] * 4, 1024), 0.01, 64, 512, 1024, 0.1, True) == 64  # min; even
+    assert _paths_for_level(prev([np.nan] * 4, 1024), 0.01, 64, 512, 300, 0.1, False) == 300

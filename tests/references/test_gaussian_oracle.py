@@ -181,3 +181,39 @@ def test_oracle_per_point_and_input_errors():
         gaussian_oracle(score, sch, m0, S0, 1.0, x=np.zeros((4, 3)))
     with pytest.raises(HbarInputError):
         gaussian_oracle(lambda x, t: x, sch, m0, S0, 1.0)  # no .affine
+
+
+def test_chain_nll_is_the_euler_chain_and_converges_to_the_oracle():
+    """gaussian_chain_nll against an independent numpy recursion of the Euler chain (tests/path),
+    then its difference from the continuous-time oracle halves with the step (order 1) on every grid."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "path"))
+    from _path_cases import OU, _discrete_moments, _gauss_case
+    from scipy.stats import multivariate_normal
+
+    from hbar.grids import make_grid
+    from hbar.references import gaussian_chain_nll
+
+    m0, S0, rng = _gauss_case(3, 7)
+    shift = 0.05 * np.ones(3)
+    sc = AffineScore(m0, S0, OU, scale_eps=0.1, shift=shift)
+    x = rng.multivariate_normal(m0, S0, size=4)
+    for h in (0.0, 0.3, 1.0):
+        m, C = _discrete_moments(OU, m0, S0, 0.1, shift, h, 40)
+        np.testing.assert_allclose(gaussian_chain_nll(sc, OU, h, x, steps=40, grid="uniform"),
+                                   -multivariate_normal(m, C).logpdf(x), rtol=1e-11)
+    exact = gaussian_oracle(sc, OU, m0, S0, 0.5, x=x).nll_points[0]
+    for grid in ("uniform", "log-snr", "edm"):
+        errs = [np.abs(gaussian_chain_nll(sc, OU, 0.5, x, steps=n, grid=grid) - exact).max() for n in (100, 200)]
+        assert 1.7 < errs[0] / errs[1] < 2.3, (grid, errs)
+    ts = make_grid(OU, 30, "edm")
+    np.testing.assert_allclose(gaussian_chain_nll(sc, OU, 0.5, x, times=ts), gaussian_chain_nll(sc, OU, 0.5, x, steps=30,
+                                                                                                grid="edm"), rtol=1e-13)
+    with pytest.raises(HbarInputError, match="strictly decreasing"):
+        gaussian_chain_nll(sc, OU, 0.5, x, times=ts[::-1])
+    with pytest.raises(HbarInputError, match="single number"):
+        gaussian_chain_nll(sc, OU, [0.1, 0.5], x)
+    with pytest.raises(HbarInputError, match="affine"):
+        gaussian_chain_nll(lambda y, t: -y, OU, 0.5, x)

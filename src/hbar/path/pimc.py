@@ -24,12 +24,12 @@ import numpy as np
 from jax import Array
 
 from hbar.gaussian import isotropic_logpdf
-from hbar.grids import DEFAULT_GRID, check_grid, make_grid
+from hbar.grids import DEFAULT_GRID, backward_grid, check_grid, make_grid
 from hbar.path._checks import check_h_positive
 from hbar.process import HProcess
 from hbar.schedules import Schedule
 from hbar.scores import check_score_shape
-from hbar.stats import mean_se
+from hbar.stats import khat_threshold, mean_se, pareto_khat
 from hbar.validation import HbarInputError, check_points, check_positive_int
 
 __all__ = ["PROPOSALS", "PathLikelihoodResult", "path_log_likelihood", "PathNLLResult", "path_nll",
@@ -49,7 +49,10 @@ class PathLikelihoodResult:
     n_paths: M; log_weights: (n, M) when requested, else None; grid: the time grid's name
     ("times" for a user grid); antithetic: whether paths came in antithetic pairs;
     valid (n,): the point's estimate is finite (a non-finite score or weight on any of its
-    paths fails the point: it is flagged, never averaged, docs/theory.md section 14.1).
+    paths fails the point: it is flagged, never averaged, docs/theory.md section 14.1);
+    khat (n,): Pareto k-hat of the plain weights (:func:`hbar.stats.pareto_khat`, docs/theory.md
+    section 3.10): above 1/2 the weights have infinite variance and ``se`` understates the Monte
+    Carlo error; above :func:`hbar.stats.khat_threshold` (0.7 for M >= 2154) the estimate is unreliable.
     """
 
     log_q: np.ndarray
@@ -64,10 +67,19 @@ class PathLikelihoodResult:
     grid: str = "uniform"
     antithetic: bool = False
     valid: np.ndarray | None = None
+    khat: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.valid is None:
             self.valid = np.isfinite(self.log_q)
+        if self.khat is None:
+            self.khat = np.full(np.shape(self.log_q), np.nan)
+
+    @property
+    def reliable(self) -> np.ndarray:
+        """(n,) bool: valid and k-hat not above :func:`hbar.stats.khat_threshold` (NaN k-hat, a
+        tail too short or too flat to fit, counts as reliable)."""
+        return self.valid & ~(self.khat > khat_threshold(self.n_paths))
 
     @property
     def n_failed(self) -> int:
@@ -188,20 +200,6 @@ def _pimc_chunk(score, schedule, h, h_prop, x, key, i0, j0, ts, m, n_paths, anti
     return jnp.stack([lw.reshape(nb, m), cv.reshape(nb, m)])
 
 
-def _pimc_grid(schedule: Schedule, steps: int, times: Any, grid: str = DEFAULT_GRID) -> np.ndarray:
-    """The decreasing grid T -> t_min: ``grid`` (:mod:`hbar.grids`) with ``steps`` steps, or the
-    given ``times``."""
-    if times is None:
-        return make_grid(schedule, check_positive_int(steps, "steps"), grid)
-    ts = np.asarray(times, dtype=float)
-    if ts.ndim != 1 or ts.size < 2 or not np.all(np.diff(ts) < 0):
-        raise HbarInputError("times must be a strictly decreasing grid from T to t_min")
-    if not (np.isclose(ts[0], schedule.T) and np.isclose(ts[-1], schedule.t_min)):
-        raise HbarInputError(f"times must run from T={schedule.T} to t_min={schedule.t_min}")
-    schedule.check_time(ts, "times")
-    return ts
-
-
 def path_log_likelihood(score: Callable, schedule: Schedule, x: Any, h: float, key: Array, *,
                         n_paths: int = 256, steps: int = 100, proposal: str = "reverse",
                         times: Any = None, chunk_rows: int = 65536, keep_weights: bool = False,
@@ -278,7 +276,7 @@ def path_log_likelihood(score: Callable, schedule: Schedule, x: Any, h: float, k
     grid_name = "times" if times is not None else check_grid(grid)
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
     dtype = jnp.result_type(float)
-    ts_j = jnp.asarray(_pimc_grid(schedule, steps, times, grid), dtype)
+    ts_j = jnp.asarray(backward_grid(schedule, steps, grid, times), dtype)
     ratio, fine = 1, None
     if coupling_steps is not None and int(coupling_steps) != ts_j.shape[0] - 1:
         n_steps = ts_j.shape[0] - 1
@@ -317,13 +315,14 @@ def path_log_likelihood(score: Callable, schedule: Schedule, x: Any, h: float, k
     log_q, se, bias, ess = weight_stats(lw_ok, bool(antithetic), np.where(bad_rows[:, None], 0.0, cvs)
                                         if control_variate else None)
     log_q, se, bias, ess = (np.where(bad_rows, np.nan, a) for a in (log_q, se, bias, ess))
+    khat = np.where(bad_rows, np.nan, pareto_khat(lw_ok))
     valid = np.isfinite(log_q)
     if not valid.all():
         warnings.warn(f"hbar.path_log_likelihood: {int((~valid).sum())} of {n} points failed (non-finite score or "
                       f"weights on their paths, h={hv}); they are flagged in result.valid", stacklevel=2)
     return PathLikelihoodResult(log_q=log_q, se=se, bias=bias, ess=ess, n_paths=M, h=hv, steps=int(ts_j.shape[0] - 1),
                                 proposal=proposal, log_weights=lw if keep_weights else None, grid=grid_name,
-                                antithetic=bool(antithetic), valid=valid)
+                                antithetic=bool(antithetic), valid=valid, khat=khat)
 
 
 @dataclasses.dataclass
@@ -335,9 +334,10 @@ class PathNLLResult:
     noise; the per-point se when n = 1); mc_se (m,): Monte Carlo part alone,
     sqrt(sum se_i^2) / n; bias (m,): mean leading NLL bias +se_i^2/2 (>= 0);
     ess_min / ess_median / ess_mean (m,): ESS over points as a fraction of n_paths;
-    results: the per-point :class:`PathLikelihoodResult` per h; n_failed (m,): points whose
-    estimate failed (non-finite), excluded from every statistic above and warned about
-    (docs/theory.md section 14.1).
+    khat_max (m,): the largest Pareto k-hat over the points (docs/theory.md section 3.10; above
+    ``hbar.stats.khat_threshold(n_paths)`` the MC s.e. is not to be trusted); results: the
+    per-point :class:`PathLikelihoodResult` per h; n_failed (m,): points whose estimate failed
+    (non-finite), excluded from every statistic above and warned about (docs/theory.md section 14.1).
     """
 
     hs: np.ndarray
@@ -352,12 +352,15 @@ class PathNLLResult:
     steps: int
     results: list[PathLikelihoodResult]
     n_failed: np.ndarray | None = None
+    khat_max: np.ndarray | None = None
 
     def rows(self) -> list[dict[str, float]]:
         nf = self.n_failed if self.n_failed is not None else np.zeros(len(self.hs), dtype=int)
+        kh = self.khat_max if self.khat_max is not None else np.full(len(self.hs), np.nan)
         return [dict(h=float(self.hs[i]), nll=float(self.nll[i]), se=float(self.se[i]),
                      mc_se=float(self.mc_se[i]), bias=float(self.bias[i]), ess_min=float(self.ess_min[i]),
-                     ess_median=float(self.ess_median[i]), ess_mean=float(self.ess_mean[i]), n_failed=int(nf[i]))
+                     ess_median=float(self.ess_median[i]), ess_mean=float(self.ess_mean[i]), n_failed=int(nf[i]),
+                     khat_max=float(kh[i]))
                 for i in range(len(self.hs))]
 
 
@@ -384,14 +387,14 @@ def path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | Sequence[f
         n = int(ok.sum())
         failed.append(r.n_failed)
         if n == 0:
-            cols.append((math.nan,) * 7)
+            cols.append((math.nan,) * 8)
         else:
             nll, se = mean_se(r.nll[ok])
             if n == 1:
                 se = float(r.se[ok][0])
             frac = r.ess[ok] / r.n_paths
             cols.append((nll, se, float(np.sqrt(np.sum(r.se[ok] ** 2)) / n), float(np.mean(-r.bias[ok])),
-                         float(frac.min()), float(np.median(frac)), float(frac.mean())))
+                         float(frac.min()), float(np.median(frac)), float(frac.mean()), _max_or_nan(r.khat[ok])))
         results.append(r)
     c = np.array(cols)
     n_failed = np.asarray(failed, dtype=int)
@@ -402,7 +405,14 @@ def path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | Sequence[f
                       f"result.results[i].valid", stacklevel=2)
     return PathNLLResult(hs=hv, nll=c[:, 0], se=c[:, 1], mc_se=c[:, 2], bias=c[:, 3], ess_min=c[:, 4],
                          ess_median=c[:, 5], ess_mean=c[:, 6], n_paths=int(n_paths), steps=results[0].steps,
-                         results=results, n_failed=n_failed)
+                         results=results, n_failed=n_failed, khat_max=c[:, 7])
+
+
+def _max_or_nan(a: np.ndarray) -> float:
+    """max of the finite entries of a, NaN when there are none."""
+    a = np.asarray(a, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.max()) if a.size else math.nan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +437,11 @@ class ConvergedPathNLL:
     ``observed_order``: log2 of the ratio of the last two level differences (NaN when not
     measurable above the Monte Carlo noise); ``steps`` / ``n_paths``: of the finest level;
     ``ess_min`` / ``ess_median``: ESS / n_paths over points at the finest level; ``ladder``: per h
-    the list of levels (steps, n_paths, nll, mc_se, diff, ess, seconds); ``seconds`` per h;
+    the list of levels (steps, n_paths, nll, mc_se, diff, ess, khat_max, seconds); ``seconds`` per h;
     ``n_failed`` (m,): points whose estimate failed (non-finite score or weights) at the first
-    level, left out of that h (NaN in ``nll_points``), docs/theory.md section 14.1.
+    level, left out of that h (NaN in ``nll_points``), docs/theory.md section 14.1; ``khat_max``
+    (m,): the largest Pareto k-hat over the points at the finest level (docs/theory.md section
+    3.10); ``converged`` also needs it at most ``hbar.stats.khat_threshold(n_paths)``.
     """
 
     hs: np.ndarray
@@ -452,10 +464,15 @@ class ConvergedPathNLL:
     grid: str
     flags: tuple[str, ...] = ()
     n_failed: np.ndarray | None = None
+    khat_max: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.khat_max is None:
+            self.khat_max = np.full(len(self.hs), np.nan)
 
     def rows(self) -> list[dict[str, Any]]:
         keys = ("nll", "mc_se", "disc_error", "total_error", "points_se", "observed_order", "ess_min",
-                "ess_median", "seconds")
+                "ess_median", "khat_max", "seconds")
         return [dict(h=float(self.hs[i]), **{k: float(getattr(self, k)[i]) for k in keys},
                      converged=bool(self.converged[i]), extrapolated=bool(self.extrapolated[i]),
                      steps=int(self.steps[i]), n_paths=int(self.n_paths[i])) for i in range(len(self.hs))]
@@ -466,12 +483,13 @@ class ConvergedPathNLL:
         for i, h in enumerate(self.hs):
             L.append(f"h={h:g}: NLL={self.nll[i]:.5f} +- {self.mc_se[i]:.1e} (MC) +- {self.disc_error[i]:.1e} "
                      f"(discretisation), order={self.observed_order[i]:.2f}, "
-                     f"extrapolated={bool(self.extrapolated[i])}, converged={bool(self.converged[i])}")
+                     f"extrapolated={bool(self.extrapolated[i])}, k-hat max={self.khat_max[i]:.2f}, "
+                     f"converged={bool(self.converged[i])}")
             for lv in self.ladder[i]:
                 L.append(f"    steps={lv['steps']:6d} paths={lv['n_paths']:5d} NLL={lv['nll']:.5f} "
                          f"+- {lv['mc_se']:.1e} diff={lv['diff']:+.1e}+-{lv['diff_se']:.0e} "
                          f"ESS/M={lv['ess_min']:.2f}..{lv['ess_median']:.2f} "
-                         f"({lv['seconds']:.1f}s)")
+                         f"k-hat<={lv.get('khat_max', math.nan):.2f} ({lv['seconds']:.1f}s)")
         if self.flags:
             L.append("FLAGS: " + "; ".join(self.flags))
         return "\n".join(L)
@@ -486,6 +504,29 @@ def _level_order(d_prev: float, d_new: float, s_prev: float, s_new: float) -> fl
     if abs(d_new) <= 2.0 * s_new:  # newer difference is noise: the order is at least this
         return math.log2(abs(d_prev) / max(abs(d_new), 2.0 * s_new))
     return math.log2(abs(d_prev) / abs(d_new))
+
+
+def _paths_for_level(prev: PathLikelihoodResult, tol: float, m_min: int, m_max: int, m_prev: int, kmax_prev: float,
+                     antithetic: bool, s_diff_prev: float = math.nan) -> int:
+    """Path count of the next level from the previous level's weights (docs/theory.md section
+    3.9): the per-point relative variances v_i = M se_i^2 predict the MC s.e. of the mean NLL,
+    sqrt(sum_i v_i / M) / n, to be brought to tol / 2, and the previous coupled difference's s.e.
+    s_d (when there is one) predicts that of the next, to be brought to tol / 5 (the extrapolated
+    discretisation error counts 2 sqrt(4 s_d^2 + s_d'^2)); M is the power of two that meets both
+    (x 1.1), within [m_min, m_max]. The previous M is kept where its k-hat needed it (a smaller M
+    would lower the k-hat threshold below the measured tail). The weights' variance falls with the
+    step when it comes from the discretisation (exact scores), so later levels may need fewer paths."""
+    n = prev.se.shape[0]
+    v = float(np.sum(prev.se**2) * prev.n_paths)
+    need = v / (n * n * (0.5 * tol) ** 2) * 1.1
+    if math.isfinite(s_diff_prev):
+        need = max(need, m_prev * (s_diff_prev / (0.2 * tol)) ** 2 * 1.1)
+    if not math.isfinite(need):
+        return m_prev
+    m = int(min(m_max, max(m_min, 2 ** math.ceil(math.log2(max(need, 1.0))))))
+    if kmax_prev > khat_threshold(m) and khat_threshold(m) < khat_threshold(m_prev):
+        m = max(m, m_prev)
+    return m + (m % 2 if antithetic else 0)
 
 
 def _quiet_pll(*args, **kwargs) -> PathLikelihoodResult:
@@ -507,7 +548,8 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
     For each h > 0 in ``hs``: :func:`path_log_likelihood` on ``grid`` with steps0, 2 steps0,
     4 steps0, ... steps (a fresh key per level), until the estimated discretisation error of the
     mean NLL of the points is <= ``tol`` and its Monte Carlo s.e. <= ``tol`` (the path count is
-    raised at the first level, up to ``max_paths``, to bring the s.e. to tol / 2). At level L
+    raised at the first level, up to ``max_paths``, to bring the s.e. to tol / 2; every later level
+    sets its own path count from the previous level's weight variance, :func:`_paths_for_level`). At level L
     with mean Q_L (log-mean-exp bias removed), the level difference d_L is measured on common
     random numbers: the N_L / 2-step chain is rerun on the same Brownian paths
     (``coupling_steps``), so d_L has a Monte Carlo s.e. far below that of Q_L (delta method on
@@ -519,6 +561,14 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
       difference), MC s.e. of R_L = sqrt(s_L^2 + s_{d,L}^2) (the coupled d_L adds little noise);
     * otherwise Q_L with discretisation error |d_L| / (2^q - 1), q = p clipped to [0.5, 1]
       (q = 1 when p is not measurable): the geometric tail of an order-q error.
+
+    Heavy tails (docs/theory.md section 3.10): the Pareto k-hat of every point's weights is
+    measured at every level; at level 0 the path count is also raised (x4, up to ``max_paths``)
+    while the largest k-hat exceeds ``hbar.stats.khat_threshold(M)`` and that threshold is below
+    0.7, and a level that meets tol with a k-hat above a threshold that more paths would raise
+    is followed by one with 4x the paths; an h whose finest level has k-hat above the threshold is
+    not converged and flagged (its MC s.e. cannot be trusted), and 1/2 < k-hat <= threshold
+    (infinite-variance weights) is flagged as a caution.
 
     Levels beyond ``max_steps`` are not run, and none after the discretisation error has reached
     tol while the MC s.e. has not at ``max_paths`` paths (more steps cannot fix that); an h that
@@ -543,7 +593,7 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
     n = xs.shape[0]
     n_levels_max = int(math.floor(math.log2(max_steps / steps0))) + 1
     cols: dict[str, list] = {k: [] for k in ("nll", "pts", "mc", "disc", "pse", "conv", "extra", "order", "steps",
-                                             "paths", "ess_min", "ess_med", "sec")}
+                                             "paths", "ess_min", "ess_med", "khat", "sec")}
     ladders, flags, failed = [], [], []
     for ih, h in enumerate(hv):
         t0 = time.perf_counter()
@@ -552,6 +602,9 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
         late_failure = False
         M = M0 + (M0 % 2 if antithetic else 0)
         ladder: list[dict[str, float]] = []
+        kmax = math.nan
+        last: PathLikelihoodResult | None = None  # the previous level's run
+        m_floor = 0  # least path count of the next level
         Q, S, P, SD, LW, D = [], [], [], [], [], []
         est = disc = mc = order = math.nan
         extra = conv = mc_capped = False
@@ -559,6 +612,9 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
         for lev in range(n_levels_max):
             N = steps0 * 2**lev
             key_l = jax.random.fold_in(key_h, lev)
+            if last is not None:
+                M = max(m_floor, _paths_for_level(last, tol, M0, max_paths, M, kmax, antithetic,
+                                                  SD[-1] if SD else math.nan))
             common = dict(proposal=proposal, chunk_rows=chunk_rows, grid=grid, antithetic=antithetic,
                           control_variate=control_variate, keep_weights=True)
             for attempt in range(4):
@@ -573,10 +629,15 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 if not r.valid.all():
                     break
                 s_lev = float(np.sqrt(np.sum(r.se**2)) / xs_h.shape[0])
-                if lev > 0 or s_lev <= 0.5 * tol or M >= max_paths or not np.isfinite(s_lev):
+                kmax = _max_or_nan(r.khat)
+                want_se = s_lev > 0.5 * tol
+                want_k = kmax > khat_threshold(M) and khat_threshold(M) < 0.7  # a larger M trusts heavier tails
+                if lev > 0 or M >= max_paths or not np.isfinite(s_lev) or not (want_se or want_k):
                     break
                 # level 0 only: raise the path count so that the MC s.e. reaches tol / 2 (se ~ 1/sqrt(M))
-                M = int(min(max_paths, 2 ** math.ceil(math.log2(M * (s_lev / (0.5 * tol)) ** 2 * 1.1))))
+                # and the k-hat threshold is met where a larger M can meet it
+                m_se = 2 ** math.ceil(math.log2(M * (s_lev / (0.5 * tol)) ** 2 * 1.1)) if want_se else M
+                M = int(min(max_paths, max(m_se, 4 * M if want_k else M)))
             if not r.valid.all():  # every point failed at level 0, or a point fails at a finer level: stop
                 late_failure = lev > 0
                 break
@@ -602,8 +663,10 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 s_diff = float(np.sqrt(np.sum(dd.var(axis=1, ddof=1) / M)) / xs_h.shape[0])
             Q.append(q), S.append(s_lev), P.append(pts), SD.append(s_diff), D.append(diff)
             frac = r.ess / r.n_paths
+            kmax = _max_or_nan(r.khat)
+            last = r
             ladder.append(dict(steps=N, n_paths=M, nll=q, mc_se=s_lev, diff=diff, diff_se=s_diff,
-                               ess_min=float(frac.min()), ess_median=float(np.median(frac)),
+                               ess_min=float(frac.min()), ess_median=float(np.median(frac)), khat_max=kmax,
                                seconds=time.perf_counter() - t0))
             if progress is not None:
                 progress(float(h), lev + 1, n_levels_max)
@@ -627,9 +690,12 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 est, pts_est, mc = Q[-1], P[-1], S[-1]
                 # geometric tail of an order-q error; a difference lost in its noise counts as 2 s.e.
                 disc = max(abs(d_new), 2.0 * s_d_new) / (2.0**q_eff - 1.0)
-            conv = disc <= tol and mc <= tol
-            if conv:
-                break
+            k_ok = not kmax > khat_threshold(M)
+            conv = disc <= tol and mc <= tol and k_ok
+            if disc <= tol and mc <= tol:
+                if k_ok or M >= max_paths or khat_threshold(M) >= 0.7:
+                    break  # converged, or only k-hat is off and more paths cannot raise its threshold
+                m_floor = min(max_paths, 4 * M)  # a small-M k-hat: the next level runs with more paths
             if disc <= tol and mc > tol and M >= max_paths:
                 # more steps cannot bring the MC s.e. down (the path count is capped): stop here
                 mc_capped = True
@@ -639,8 +705,9 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
         if not Q:  # every point failed at the first level
             flags.append(f"h={h:g}: all {n} points failed (non-finite score or weights)")
             ladder.append(dict(steps=steps0, n_paths=M, nll=math.nan, mc_se=math.nan, diff=math.nan,
-                               diff_se=math.nan, ess_min=math.nan, ess_median=math.nan,
+                               diff_se=math.nan, ess_min=math.nan, ess_median=math.nan, khat_max=math.nan,
                                seconds=time.perf_counter() - t0))
+            kmax = math.nan
             Q, S, P = [math.nan], [math.nan], [np.full(n, np.nan)]
             keep = np.ones(n, dtype=bool)
         if len(Q) < 2:  # a single level: every point failed, or a failure at the second level
@@ -652,16 +719,25 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
         full = np.full(n, np.nan)
         full[keep] = pts_est
         pts_est = full
+        kmax = ladder[-1].get("khat_max", math.nan)
+        k_thr = khat_threshold(ladder[-1]["n_paths"])
+        heavy = kmax > k_thr
+        if kmax > 0.5 and not heavy:
+            flags.append(f"h={h:g}: Pareto k-hat up to {kmax:.2f} (> 0.5): the importance weights have infinite "
+                         "variance, so the MC s.e. converges slowly and may understate the error")
         if not conv:
             why = (f"; the MC s.e. is above tol at max_paths={max_paths}, which more steps cannot change: raise "
                    "max_paths or use more points" if mc_capped else "")
+            if heavy:
+                why += (f"; Pareto k-hat {kmax:.2f} > {k_thr:.2f} at {ladder[-1]['n_paths']} paths: the weights are "
+                        "too heavy-tailed for the MC s.e. to be trusted (a better score or proposal is needed)")
             flags.append(f"h={h:g}: not converged at {ladder[-1]['steps']} steps / {ladder[-1]['n_paths']} paths "
                          f"(discretisation error {disc:.2g}, MC s.e. {mc:.2g}, tol {tol:g}){why}")
         ladders.append(ladder)
         for k, v in (("nll", est), ("pts", pts_est), ("mc", mc), ("disc", disc), ("pse", mean_se(P[-1])[1]),
                      ("conv", conv), ("extra", extra), ("order", order), ("steps", ladder[-1]["steps"]),
                      ("paths", ladder[-1]["n_paths"]), ("ess_min", ladder[-1]["ess_min"]),
-                     ("ess_med", ladder[-1]["ess_median"]), ("sec", time.perf_counter() - t0)):
+                     ("ess_med", ladder[-1]["ess_median"]), ("khat", kmax), ("sec", time.perf_counter() - t0)):
             cols[k].append(v)
     fail_flags = [f for f in flags if "failed" in f]
     if fail_flags:
@@ -674,4 +750,5 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                             observed_order=np.array(cols["order"]), steps=np.array(cols["steps"], int),
                             n_paths=np.array(cols["paths"], int), ess_min=np.array(cols["ess_min"]),
                             ess_median=np.array(cols["ess_med"]), seconds=np.array(cols["sec"]), ladder=ladders,
-                            tol=tol, grid=grid, flags=tuple(flags), n_failed=np.asarray(failed, dtype=int))
+                            tol=tol, grid=grid, flags=tuple(flags), n_failed=np.asarray(failed, dtype=int),
+                            khat_max=np.array(cols["khat"], dtype=float))

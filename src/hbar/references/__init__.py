@@ -24,12 +24,13 @@ from .fokker_planck import (
     fokker_planck_density,
     fokker_planck_nll,
 )
-from .gaussian import GaussianOracleResult, gaussian_backward_moments, gaussian_oracle
+from .gaussian import GaussianOracleResult, gaussian_backward_moments, gaussian_chain_nll, gaussian_oracle
 
 __all__ = [
     "GaussianOracleResult",
     "gaussian_oracle",
     "gaussian_backward_moments",
+    "gaussian_chain_nll",
     "factorised_oracle",
     "FokkerPlanckLevel",
     "FokkerPlanckResult",

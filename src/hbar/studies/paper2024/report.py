@@ -439,10 +439,11 @@ def section_nll_h(results: Results) -> list[str]:
         for r, lad in zip(pth["rows"], pth["ladder"]):
             lrows.append([f"{r['h']:g}", "; ".join(f"{lv['steps']}: {fmt(lv['nll'], 4)} (d {fmt(lv['diff'], 4)})"
                                                  for lv in lad), fmt(r["observed_order"], 2),
-                          "yes" if r["extrapolated"] else "no", fmt(r["seconds"], 0)])
+                          "yes" if r["extrapolated"] else "no", fmt(r.get("khat_max"), 2), fmt(r["seconds"], 0)])
         L += ["Step ladder of the path integral (steps: NLL at that level, d = difference to the previous level on "
-              "the same Brownian paths):", ""]
-        L += table(["h", "ladder", "observed order", "extrapolated", "seconds"], lrows)
+              "the same Brownian paths; k-hat: the largest Pareto tail index of the points' importance weights at the "
+              "finest level, above 0.5 infinite variance, above 0.7 not trusted; docs/theory.md section 3.10):", ""]
+        L += table(["h", "ladder", "observed order", "extrapolated", "k-hat max", "seconds"], lrows)
         if pth.get("flags"):
             L += ["Path-integral flags: " + "; ".join(pth["flags"]), ""]
         if _fig(results, f"nll_h/{m}"):
