@@ -50,3 +50,20 @@ def test_khat_threshold():
     assert khat_threshold(100) == pytest.approx(0.5)
     assert khat_threshold(1000) == pytest.approx(1 - 1 / 3)
     assert khat_threshold(4096) == 0.7 and khat_threshold(10**6) == 0.7
+
+
+def test_khat_extreme_tails_zero_weights_and_ties():
+    """A few weights dominating beyond the float range is the heaviest case (+inf, flagged), a
+    zero weight (log-weight -inf) is a weight, and ties at the cut-off do not blow the fit up."""
+    rng = np.random.default_rng(5)
+    k = pareto_khat(rng.normal(0.0, 40.0, size=(3, 4096)))  # ESS about 1: one weight carries everything
+    assert np.all(k > khat_threshold(4096)), k
+    few = np.r_[0.0, -1.0, -2.0, rng.normal(-100.0, 1.0, 4093)]  # three weights, the rest e^-100 below
+    assert pareto_khat(few)[0] > khat_threshold(4096)
+    lw = rng.normal(0.0, 0.5, size=(2, 4096))
+    ref = pareto_khat(lw)
+    lw[:, 7] = -np.inf
+    np.testing.assert_allclose(pareto_khat(lw), ref, atol=1e-12)  # the zero weight is far below the tail
+    ties = rng.normal(0.0, 0.5, size=(1, 4096))
+    ties[0, np.argsort(ties[0])[-300:-100]] = np.sort(ties[0])[-300]  # half the tail tied at the cut-off
+    assert -1.0 < pareto_khat(ties)[0] < 0.5  # a light tail (clamping the ties to 1e-300 gave k-hat > 100)

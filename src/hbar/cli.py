@@ -796,7 +796,7 @@ def path_nll_cmd(
                 table.add_column(col)
             rows = res.rows()
             for row in rows:
-                row["flags"] = _path_flags(row["ess_min"], None, row["khat_max"], paths)
+                row["flags"] = _path_flags(row["ess_min"], None, row["khat_max"], res.n_paths)
                 table.add_row(f"{row['h']:g}", f"{row['nll']:.4f} ± {row['se']:.4f}", f"{row['mc_se']:.4f}",
                               f"{row['bias']:.2e}", f"{row['ess_min']:.2f}", f"{row['ess_median']:.2f}",
                               f"{row['khat_max']:.2f}", ", ".join(row["flags"]) or "-")

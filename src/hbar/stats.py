@@ -38,11 +38,12 @@ def _gpd_shape(e: np.ndarray) -> np.ndarray:
     j = np.arange(1, m + 1)
     q = e[:, max(int(t / 4 + 0.5) - 1, 0)]  # first quartile of the exceedances
     theta = 1.0 / e[:, -1:] + (1.0 - np.sqrt(m / (j - 0.5)))[None, :] / (3.0 * q[:, None])  # (rows, m)
-    k = np.mean(np.log1p(-theta[:, :, None] * e[:, None, :]), axis=2)  # (rows, m): -xi for each theta
-    loglik = t * (np.log(-theta / k) - k - 1.0)
-    post = np.exp(loglik - loglik.max(axis=1, keepdims=True))
-    theta_hat = np.sum(theta * post, axis=1) / np.sum(post, axis=1)
-    xi = np.mean(np.log1p(-theta_hat[:, None] * e), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-equal exceedances: NaN, no fit
+        k = np.mean(np.log1p(-theta[:, :, None] * e[:, None, :]), axis=2)  # (rows, m): xi for each theta
+        loglik = t * (np.log(-theta / k) - k - 1.0)
+        post = np.exp(loglik - loglik.max(axis=1, keepdims=True))
+        theta_hat = np.sum(theta * post, axis=1) / np.sum(post, axis=1)
+        xi = np.mean(np.log1p(-theta_hat[:, None] * e), axis=1)
     return (t * xi + 10 * 0.5) / (t + 10)
 
 
@@ -50,29 +51,30 @@ def pareto_khat(log_weights: Any) -> np.ndarray:
     """Pareto k-hat of each row of importance log-weights (n, M) -> (n,) (docs/theory.md section 3.10).
 
     The largest t = min(M/5, 3 sqrt(M)) weights (scaled by the row maximum) minus the next one are
-    fitted by a generalised Pareto distribution; its shape k estimates the tail index of the
-    weights: E[w^r] is finite for r < 1/k, so k > 1/2 means infinite variance, and the sample
-    variance (hence the delta-method s.e.) understates the Monte Carlo error; above
-    :func:`khat_threshold` the estimate itself is unreliable (Vehtari et al. 2024). NaN where the
-    tail cannot be fitted: fewer than 5 tail weights (M < 25), fewer than 5 distinct tail weights
-    (e.g. constant weights), or a non-finite row."""
+    fitted by a generalised Pareto distribution (only the strictly positive exceedances); its shape
+    k estimates the tail index of the weights: E[w^r] is finite for r < 1/k, so k > 1/2 means
+    infinite variance, and the sample variance (hence the delta-method s.e.) understates the Monte
+    Carlo error; above :func:`khat_threshold` the estimate itself is unreliable (Vehtari et al.
+    2024). A weight of zero (log-weight -inf) is a valid weight. +inf where fewer than 5 tail
+    weights stand above the cut-off although the row is not flat (a few weights dominate the rest
+    beyond the float range, or by ties: the heaviest case, flagged); NaN where the row is flat
+    (all tail weights equal, e.g. the exact score), holds NaN or +inf, or M < 25."""
     lw = np.atleast_2d(np.asarray(log_weights, dtype=float))
     n, M = lw.shape
     t = int(min(M / 5, 3 * math.sqrt(M)))
     out = np.full(n, np.nan)
     if t < 5:
         return out
-    ok = np.all(np.isfinite(lw), axis=1)
-    if not ok.any():
-        return out
-    rows = lw[ok]
-    top = np.sort(rows - rows.max(axis=1, keepdims=True), axis=1)[:, -(t + 1):]
-    w = np.exp(top)
-    e = w[:, 1:] - w[:, :1]  # exceedances over the (t+1)-th largest weight, ascending
-    fit = np.sum(e > 1e-12, axis=1) >= 5
-    res = np.full(rows.shape[0], np.nan)
-    if fit.any():
-        ef = np.maximum(e[fit], 1e-300)
-        res[fit] = _gpd_shape(ef)
-    out[ok] = res
+    for i in range(n):
+        row = lw[i]
+        if np.any(np.isnan(row)) or np.any(row == np.inf) or not np.isfinite(row.max()):
+            continue
+        top = np.sort(row)[-(t + 1):]
+        w = np.exp(top - top[-1])  # the largest weight is 1
+        e = w[1:] - w[0]  # exceedances over the (t+1)-th largest weight, ascending
+        e = e[e > 0]
+        if e.size >= 5:
+            out[i] = _gpd_shape(e[None, :])[0]
+        elif w[-1] > w[0]:
+            out[i] = np.inf
     return out

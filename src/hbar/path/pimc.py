@@ -638,6 +638,7 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 # and the k-hat threshold is met where a larger M can meet it
                 m_se = 2 ** math.ceil(math.log2(M * (s_lev / (0.5 * tol)) ** 2 * 1.1)) if want_se else M
                 M = int(min(max_paths, max(m_se, 4 * M if want_k else M)))
+            M = r.n_paths  # the count of the run kept (the last attempt may have raised M without a rerun)
             if not r.valid.all():  # every point failed at level 0, or a point fails at a finer level: stop
                 late_failure = lev > 0
                 break
@@ -663,7 +664,8 @@ def converged_path_nll(score: Callable, schedule: Schedule, x: Any, hs: float | 
                 s_diff = float(np.sqrt(np.sum(dd.var(axis=1, ddof=1) / M)) / xs_h.shape[0])
             Q.append(q), S.append(s_lev), P.append(pts), SD.append(s_diff), D.append(diff)
             frac = r.ess / r.n_paths
-            kmax = _max_or_nan(r.khat)
+            # the coarse coupled run enters the difference (and the extrapolated estimate): its tail counts too
+            kmax = _max_or_nan(r.khat if lev == 0 else np.concatenate([r.khat, rc.khat]))
             last = r
             ladder.append(dict(steps=N, n_paths=M, nll=q, mc_se=s_lev, diff=diff, diff_se=s_diff,
                                ess_min=float(frac.min()), ess_median=float(np.median(frac)), khat_max=kmax,

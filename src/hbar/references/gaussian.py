@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from hbar.gaussian import as_covariance
+from hbar.precision import in_float64
 from hbar.process import HProcess
 from hbar.schedules import Schedule
 from hbar.validation import HbarInputError, check_h, check_points
@@ -391,6 +392,7 @@ def gaussian_oracle(
     )
 
 
+@in_float64
 def gaussian_chain_nll(score: Any, schedule: Schedule, h: float, x: Any, *, steps: int = 100,
                        grid: str | None = None, times: Any = None) -> np.ndarray:
     """Exact NLL (n,) of the points x (n, d) under the *time-discretised* h-model with an affine
@@ -409,7 +411,8 @@ def gaussian_chain_nll(score: Any, schedule: Schedule, h: float, x: Any, *, step
     path-integral estimates at a finite step count, and for the discretisation error of a grid
     (its difference from :func:`gaussian_oracle` is exactly the time-discretisation error).
     h >= 0 (h = 0: the Euler scheme of the probability-flow ODE, whose chain is deterministic
-    given y_0, still Gaussian). The score must provide ``.affine(t) -> (A, b)``.
+    given y_0, still Gaussian). The score must provide ``.affine(t) -> (A, b)``. Runs in float64
+    whatever the caller's JAX setting (:func:`hbar.precision.in_float64`).
     """
     import jax
     import jax.numpy as jnp
